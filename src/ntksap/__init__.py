@@ -1,0 +1,48 @@
+"""ntksap: neural network pruning at initialisation, NTK-SAP and the standard baselines.
+
+Three lines prune any PyTorch model:
+
+    >>> import ntksap, torch.nn as nn
+    >>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+    >>> masks = ntksap.prune(net, "ntksap", sparsity=0.9, input_shape=(3, 32, 32), rounds=2)
+    >>> net = ntksap.apply_masks(net, masks)   # effective weight = w * m, via parametrize
+"""
+
+from ntksap.attach import apply_masks, export_to_torch_prune, get_masks, remove_masks
+from ntksap.masks import MaskError, Masks
+from ntksap.pruning import (
+    compute_scores,
+    prune,
+    resolve_density,
+    schedule_densities,
+    select,
+    shuffle_masks,
+)
+from ntksap.registry import UnknownNameError
+from ntksap.reinit import reinitialize
+from ntksap.scoring import get_method, list_methods, register_method
+from ntksap.targets import prunable_parameters
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MaskError",
+    "Masks",
+    "UnknownNameError",
+    "__version__",
+    "apply_masks",
+    "compute_scores",
+    "export_to_torch_prune",
+    "get_masks",
+    "get_method",
+    "list_methods",
+    "prunable_parameters",
+    "prune",
+    "register_method",
+    "reinitialize",
+    "remove_masks",
+    "resolve_density",
+    "schedule_densities",
+    "select",
+    "shuffle_masks",
+]
