@@ -36,7 +36,9 @@ def small_convnet() -> nn.Module:
     )
 
 
-def class_balanced_batch(n_per_class: int = 2, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def class_balanced_batch(
+    n_per_class: int = 2, seed: int = 0
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(NUM_CLASSES).repeat(n_per_class)
     x = torch.randn((len(y), *INPUT_SHAPE), generator=g)

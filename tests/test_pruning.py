@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from conftest import PAPER_DENSITIES, prune_fast, small_convnet
 
 import ntksap
+from conftest import PAPER_DENSITIES, prune_fast, small_convnet
 from ntksap.pruning import kept_count, schedule_densities, select
 
 METHODS = ntksap.list_methods()
@@ -95,7 +95,9 @@ def test_pruned_weights_never_come_back():
 
 def test_select_rejects_nan():
     with pytest.raises(FloatingPointError, match="NaN"):
-        select({"w": torch.tensor([1.0, float("nan")])}, {"w": torch.ones(2, dtype=torch.bool)}, 0.5)
+        select(
+            {"w": torch.tensor([1.0, float("nan")])}, {"w": torch.ones(2, dtype=torch.bool)}, 0.5
+        )
 
 
 # --- 2. model untouched --------------------------------------------------------------------
@@ -136,7 +138,9 @@ def test_model_untouched(method, train_mode):
 @pytest.mark.parametrize("method", METHODS)
 def test_same_seed_same_mask(method):
     net = small_convnet()
-    assert prune_fast(net, method, sparsity=0.8, seed=3) == prune_fast(net, method, sparsity=0.8, seed=3)
+    assert prune_fast(net, method, sparsity=0.8, seed=3) == prune_fast(
+        net, method, sparsity=0.8, seed=3
+    )
 
 
 @pytest.mark.parametrize("method", ["random", "ntksap"])

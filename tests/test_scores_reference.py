@@ -7,10 +7,10 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import INPUT_SHAPE, small_convnet
 from torch import nn
 
 import ntksap
+from conftest import INPUT_SHAPE, small_convnet
 
 
 def _random_mask(params, density=0.6, seed=0):
@@ -125,7 +125,7 @@ def test_ntksap_init_none_uses_the_models_weights():
     def f(w):
         return F.linear(F.relu(F.linear(z, w["1.weight"], net[1].bias)), w["3.weight"], net[3].bias)
 
-    r = (f({n: theta[n] * m[n] for n in names}) - f({n: (theta[n] + delta[n]) * m[n] for n in names}))
+    r = f({n: theta[n] * m[n] for n in names}) - f({n: (theta[n] + delta[n]) * m[n] for n in names})
     grads = torch.autograd.grad(r.pow(2).sum(), [m[n] for n in names])
     for n, g in zip(names, grads):
         assert torch.allclose(got[n], g.abs(), rtol=1e-5, atol=1e-9)

@@ -82,13 +82,14 @@ def apply_masks(
     masks = masks if isinstance(masks, Masks) else Masks(masks)
     masks.check_model(model)
     owners = _owners(model)
+    for name in masks:
+        module, attr = _module_attr(model, name)
+        if parametrize.is_parametrized(module, attr):
+            raise MaskError(
+                f"{name} already has a parametrization (masks attached?); call "
+                "ntksap.remove_masks(model) first"
+            )
     for name, mask in masks.items():
-        for module, attr in owners[name]:
-            if parametrize.is_parametrized(module, attr):
-                raise MaskError(
-                    f"{name} already has a parametrization (masks attached?); call "
-                    "ntksap.remove_masks(model) first"
-                )
         holders = owners[name]
         param = getattr(holders[0][0], holders[0][1])
         mask = mask.to(param.device)
@@ -103,11 +104,25 @@ def apply_masks(
     return model
 
 
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a private copy of its generated class.
+
+    `copy.deepcopy` of a parametrized module shares the generated `Parametrized<Cls>` class
+    with the original, and `remove_parametrizations` deletes the property from that class,
+    which silently breaks the *other* copy (torch 2.13: `AttributeError: ... no attribute
+    'weight'`). A private class makes the removal local.
+    """
+    cls = type(module)
+    body = {k: v for k, v in vars(cls).items() if k not in ("__dict__", "__weakref__")}
+    module.__class__ = type(cls.__name__, cls.__bases__, body)
+
+
 def remove_masks(model: nn.Module) -> nn.Module:
     """Bake every mask into plain parameters (exact zeros at pruned places), in place."""
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
+        _own_class(module)
         for attr in list(module.parametrizations.keys()):
             plist = module.parametrizations[attr]
             if any(isinstance(p, MaskParametrization) for p in plist):
