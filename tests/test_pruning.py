@@ -24,6 +24,7 @@ def test_list_methods_is_the_contract():
 
 
 # --- 1. exact count ------------------------------------------------------------------------
+@pytest.mark.filterwarnings("ignore::ntksap.LayerCollapseWarning")  # expected on a tiny net
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("scope", ["global", "local"])
 def test_exact_count_every_paper_density(method, scope):
@@ -185,3 +186,24 @@ def test_scoring_on_a_copy_even_with_device_argument(convnet):
     prune_fast(convnet, "snip", sparsity=0.5, device="cpu")
     for a, b in zip(ref.parameters(), convnet.parameters()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 500, 999, 1000])
+def test_keep_top_equals_a_stable_sort(k):
+    from ntksap.pruning import _keep_top
+
+    g = torch.Generator().manual_seed(k)
+    flat = torch.randint(0, 20, (1000,), generator=g).float()  # many ties
+    flat[::9] = float("-inf")
+    expected = torch.zeros(1000, dtype=torch.bool)
+    expected[torch.sort(flat, descending=True, stable=True).indices[:k]] = True
+    assert torch.equal(_keep_top(flat, k), expected)
+
+
+def test_layer_collapse_warns_and_names_the_tensor():
+    net = torch.nn.Sequential(torch.nn.Linear(50, 50), torch.nn.Linear(50, 2))
+    with torch.no_grad():
+        net[1].weight.fill_(1e-6)  # magnitude pruning removes the whole classifier first
+    with pytest.warns(ntksap.LayerCollapseWarning, match=r"1 tensor\(s\) to zero.*1\.weight"):
+        masks = ntksap.prune(net, "magnitude", density=0.5)
+    assert masks.collapsed() == ["1.weight"]

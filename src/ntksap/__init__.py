@@ -11,6 +11,7 @@ Three lines prune any PyTorch model:
 from ntksap.attach import apply_masks, export_to_torch_prune, get_masks, remove_masks
 from ntksap.masks import MaskError, Masks
 from ntksap.pruning import (
+    LayerCollapseWarning,
     compute_scores,
     prune,
     resolve_density,
@@ -26,6 +27,7 @@ from ntksap.targets import prunable_parameters
 __version__ = "0.1.0"
 
 __all__ = [
+    "LayerCollapseWarning",
     "MaskError",
     "Masks",
     "UnknownNameError",

@@ -113,7 +113,8 @@ class Masks(Mapping[str, torch.Tensor]):
         return {k: float(m.sum()) / m.numel() for k, m in self._masks.items()}
 
     def collapsed(self) -> list[str]:
-        """Names of tensors pruned to nothing (layer collapse: the network is disconnected)."""
+        """Names of tensors pruned to nothing (layer collapse; without a bypass such as a
+        residual connection, the network's output no longer depends on its input)."""
         return [k for k, m in self._masks.items() if m.numel() and not bool(m.any())]
 
     def to(self, device: torch.device | str) -> Masks:

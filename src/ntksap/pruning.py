@@ -24,6 +24,7 @@ import contextlib
 import copy
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,13 @@ from ntksap.scoring import Method, ScoreContext, get_method, list_methods
 from ntksap.targets import prunable_parameters
 
 SCHEDULES = ("exponential", "linear")
+
+
+class LayerCollapseWarning(UserWarning):
+    """A prunable tensor was pruned to nothing (on a layer without a bypass, the network
+    can no longer pass signal: its output no longer depends on the input)."""
+
+
 SCOPES = ("global", "local")
 
 
@@ -85,11 +93,23 @@ def kept_count(density: float, n: int) -> int:
 # Selection
 # ---------------------------------------------------------------------------------------
 def _keep_top(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries of 1-D `flat`; ties go to the lower index."""
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k > 0:
-        order = torch.sort(flat, descending=True, stable=True).indices
-        keep[order[:k]] = True
+    """Bool mask of the k largest entries of 1-D `flat`; ties go to the lower flat index.
+
+    O(N): the k-th largest value by selection (`kthvalue`), everything above it, then the
+    lowest-index entries equal to it until exactly k are kept. Same result as a stable
+    descending sort (tested), about 8x faster than one on 25M scores.
+    """
+    n = flat.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=flat.device)
+    threshold = flat.kthvalue(n - k + 1).values  # the k-th largest
+    keep = flat > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        ties = torch.nonzero(flat == threshold).flatten()  # ascending flat index
+        keep[ties[:missing]] = True
     return keep
 
 
@@ -479,4 +499,12 @@ def prune(
     )
     if shuffle:
         result = shuffle_masks(result, seed)
+    collapsed = result.collapsed()
+    if collapsed:
+        warnings.warn(
+            f"{st.method.name} at density {d:.4g} pruned {len(collapsed)} tensor(s) to zero "
+            f"(layer collapse): {', '.join(collapsed)}",
+            LayerCollapseWarning,
+            stacklevel=2,
+        )
     return result
