@@ -255,7 +255,10 @@ class CountingNet(nn.Module):
             "needs data.*data-free methods are: magnitude, ntksap",
         ),
         ({"method": "ntksap", "density": 0.5, "epsilon": -1}, "epsilon must be a positive"),
-        ({"method": "ntksap", "density": 0.5, "init": "xavier"}, "init must be one of reset"),
+        (
+            {"method": "ntksap", "density": 0.5, "init": "xavier"},
+            "init must be one of auto, reset, kaiming, none",
+        ),
         ({"method": "ntksap", "density": 0.5, "rounds": 0}, "rounds must be an integer"),
         ({"method": "ntksap", "density": 0.5, "scope": "layer"}, "valid choices: global, local"),
         ({"method": "ntksap", "density": 0.5, "schedule": "cubic"}, "exponential, linear"),

@@ -207,3 +207,15 @@ def test_layer_collapse_warns_and_names_the_tensor():
     with pytest.warns(ntksap.LayerCollapseWarning, match=r"1 tensor\(s\) to zero.*1\.weight"):
         masks = ntksap.prune(net, "magnitude", density=0.5)
     assert masks.collapsed() == ["1.weight"]
+
+
+def test_ntksap_init_auto_follows_the_model_zoo():
+    from ntksap import models
+
+    zoo = models.create("lenet5", num_classes=10, in_channels=1)
+    kw = dict(sparsity=0.5, input_shape=(1, 8, 8), rounds=1, num_samples=4)
+    assert ntksap.prune(zoo, "ntksap", **kw).metadata["options"]["init"] == "kaiming"
+    plain = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    assert ntksap.prune(plain, "ntksap", **kw).metadata["options"]["init"] == "reset"
+    a = ntksap.prune(zoo, "ntksap", **kw)
+    assert a == ntksap.prune(zoo, "ntksap", init="kaiming", **kw)

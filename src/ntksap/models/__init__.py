@@ -39,7 +39,10 @@ def create(name: str, num_classes: int = 10, in_channels: int = 3, **kwargs) -> 
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if in_channels < 1:
         raise ValueError(f"in_channels must be >= 1, got {in_channels}")
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    model = MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, **kwargs)
+    # Tells NTK-SAP (init="auto") which distribution to re-draw weights from.
+    model.ntksap_init_scheme = "kaiming"
+    return model
 
 
 # Import the architecture files so their decorators run.

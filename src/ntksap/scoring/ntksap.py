@@ -37,7 +37,10 @@ from ntksap.scoring.base import (
     register_method,
 )
 
-NTKSAP_INITS = (*INIT_SCHEMES, "none")
+NTKSAP_INITS = ("auto", *INIT_SCHEMES, "none")
+
+# Attribute set by `ntksap.models.create` naming the scheme the model was initialised with.
+INIT_ATTRIBUTE = "ntksap_init_scheme"
 
 
 def noise_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
@@ -115,7 +118,7 @@ def default_num_samples(ctx: ScoreContext) -> int:
         "resamples": 1,
         "num_samples": None,
         "batch_size": 256,
-        "init": "reset",
+        "init": "auto",
     },
     summary="NTK spectrum-aware, finite-difference NTK trace (Wang 2023, data-free)",
     validate=_validate,
@@ -130,9 +133,13 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
         num_samples: noise inputs per resample (default: 10 x the model's output width,
             the paper's "10 x classes").
         batch_size: noise inputs per forward pass (default 256).
-        init: how theta_i is drawn: "reset" (each module's reset_parameters), "kaiming"
-            (the reference models' init), or "none" (the model's current weights, fixed).
+        init: how theta_i is drawn: "auto" (default: the scheme a zoo model was built with,
+            i.e. "kaiming"; "reset" for any other model), "reset" (each module's
+            reset_parameters), "kaiming" (the reference models' init: Kaiming-normal fan_in,
+            zero bias, BN 1/0), or "none" (the model's current weights, fixed).
     """
+    if ctx.options["init"] == "auto":
+        ctx.options["init"] = getattr(ctx.model, INIT_ATTRIBUTE, "reset")
     if ctx.options["num_samples"] is None:
         # resolved once; the loop keeps the options dict across rounds and records it
         ctx.options["num_samples"] = default_num_samples(ctx)
