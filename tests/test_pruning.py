@@ -219,3 +219,13 @@ def test_ntksap_init_auto_follows_the_model_zoo():
     assert ntksap.prune(plain, "ntksap", **kw).metadata["options"]["init"] == "reset"
     a = ntksap.prune(zoo, "ntksap", **kw)
     assert a == ntksap.prune(zoo, "ntksap", init="kaiming", **kw)
+
+
+@pytest.mark.parametrize("scope", ["global", "local"])
+def test_a_kept_weight_scored_minus_inf_still_beats_a_pruned_one(scope):
+    scores = {"w": torch.tensor([1.0, float("-inf"), float("-inf"), 5.0])}
+    masks = {"w": torch.tensor([False, True, True, True])}
+    out = select(scores, masks, density=0.75, scope=scope)
+    assert out["w"].tolist() == [False, True, True, True]
+    out = select(scores, masks, density=0.5, scope=scope)
+    assert out["w"].tolist() == [False, True, False, True]

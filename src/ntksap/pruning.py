@@ -113,6 +113,18 @@ def _keep_top(flat: torch.Tensor, k: int) -> torch.Tensor:
     return keep
 
 
+def _keep_top_among(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask (flat) keeping the k best-scored entries among those with `alive` True.
+
+    Only alive entries are candidates, so a pruned weight never comes back, even when a
+    kept one scores -inf; ties still go to the lower flat index.
+    """
+    idx = torch.nonzero(alive).flatten()  # ascending flat index
+    keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    keep[idx[_keep_top(scores[idx], k)]] = True
+    return keep
+
+
 def select(
     scores: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
@@ -121,12 +133,12 @@ def select(
 ) -> dict[str, torch.Tensor]:
     """New masks keeping exactly round(density * N) of the highest scores.
 
-    Already-pruned entries (mask False) score -inf, so they never come back.
-    `scope="global"` ranks across all tensors, `"local"` within each tensor.
+    Only currently kept entries (mask True) compete, so pruned ones never come back;
+    N counts all entries. `scope="global"` ranks across all tensors, `"local"` within each.
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
-    masked = {}
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores.values()) else None
     for n, s in scores.items():
         m = masks[n]
         if s.shape != m.shape:
@@ -135,22 +147,23 @@ def select(
             )
         if bool(torch.isnan(s[m]).any()):
             raise FloatingPointError(f"scores for {n} contain NaN")
-        masked[n] = torch.where(
-            m, s.to(torch.float64 if s.dtype == torch.float64 else torch.float32), float("-inf")
-        )
     if scope == "local":
         out = {}
-        for n, s in masked.items():
-            k = min(kept_count(density, s.numel()), int(masks[n].sum()))
-            out[n] = _keep_top(s.flatten(), k).view_as(s)
+        for n, s in scores.items():
+            m = masks[n]
+            k = min(kept_count(density, s.numel()), int(m.sum()))
+            out[n] = _keep_top_among(s.flatten(), m.flatten(), k).view_as(s)
         return out
-    flat = torch.cat([s.flatten() for s in masked.values()])
-    k = min(kept_count(density, flat.numel()), sum(int(m.sum()) for m in masks.values()))
-    keep = _keep_top(flat, k)
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten().to(dtype or torch.float32) for n in names])
+    alive = torch.cat([masks[n].flatten() for n in names])
+    k = min(kept_count(density, flat.numel()), int(alive.sum()))
+    keep = _keep_top_among(flat, alive, k)
     out, offset = {}, 0
-    for n, s in masked.items():
-        out[n] = keep[offset : offset + s.numel()].view_as(s)
-        offset += s.numel()
+    for n in names:
+        size = scores[n].numel()
+        out[n] = keep[offset : offset + size].view_as(scores[n])
+        offset += size
     return out
 
 

@@ -1,0 +1,33 @@
+# ntksap: `make demo` and `make test` work on a fresh machine (they create .venv first).
+# torch is installed BEFORE the package: on the CPU machines this project targets,
+# `pip install torch==2.13.0` takes the local CPU wheel; letting pip resolve `torch` through
+# the package's dependencies instead would pull a multi-GB CUDA build.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.ntksap-installed
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,data]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/ntksap demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/prune_time.py
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
