@@ -95,23 +95,44 @@ def test_same_seed_same_masks_and_global_rng_untouched(tmp_path, capsys) -> None
     [
         # argparse errors: SystemExit(2), the choices in the message
         ([*LENET, "--method", "nope", "--sparsity", "0.9"], ["invalid choice", *list_methods()]),
-        (["prune", "--model", "nope", "--input-shape", "1,8,8", "--sparsity", "0.5"],
-         ["invalid choice", "lenet5", "resnet20"]),
+        (
+            ["prune", "--model", "nope", "--input-shape", "1,8,8", "--sparsity", "0.5"],
+            ["invalid choice", "lenet5", "resnet20"],
+        ),
         ([*LENET, "--sparsity", "0.9", "--density", "0.1"], ["not allowed with", "--sparsity"]),
         ([*LENET], ["one of the arguments --sparsity --density --compression is required"]),
-        (["prune", "--model", "lenet5", "--input-shape", "3,x", "--sparsity", "0.5"],
-         ["bad input shape '3,x'", "3,32,32"]),
+        (
+            ["prune", "--model", "lenet5", "--input-shape", "3,x", "--sparsity", "0.5"],
+            ["bad input shape '3,x'", "3,32,32"],
+        ),
         ([*LENET, "--sparsity", "0.5", "--init", "zeros"], ["invalid choice", "kaiming"]),
         ([*LENET, "--sparsity", "0.5", "--include-bias=yes"], ["ignored explicit argument"]),
         # errors found after parsing: `ntksap: error: ...`, return 2
-        ([*LENET, "--method", "snip", "--epsilon", "0.1", "--sparsity", "0.9", "--data",
-          "synthetic"], ["--epsilon is not an option of method 'snip'", "valid options: none",
-                         "ntksap: --epsilon"]),
+        (
+            [
+                *LENET,
+                "--method",
+                "snip",
+                "--epsilon",
+                "0.1",
+                "--sparsity",
+                "0.9",
+                "--data",
+                "synthetic",
+            ],
+            [
+                "--epsilon is not an option of method 'snip'",
+                "valid options: none",
+                "ntksap: --epsilon",
+            ],
+        ),
         ([*LENET, "--sparsity", "1.5"], ["sparsity must be in [0, 1)"]),
         ([*LENET, "--density", "0"], ["density must be in (0, 1]"]),
         ([*LENET, "--compression", "-1"], ["--compression must be a number >= 0"]),
-        ([*LENET, "--method", "snip", "--sparsity", "0.9"],
-         ["needs data", "--data synthetic", ", ".join(DATA_FREE)]),
+        (
+            [*LENET, "--method", "snip", "--sparsity", "0.9"],
+            ["needs data", "--data synthetic", ", ".join(DATA_FREE)],
+        ),
         ([*LENET, "--sparsity", "0.9", "--resamples", "0"], ["resamples must be an integer >= 1"]),
         ([*LENET, "--sparsity", "0.9", "--rounds", "0"], ["rounds must be an integer >= 1"]),
         ([*LENET, "--sparsity", "0.9", "--exclude", "no*"], ["matches no parameter", "fc1.weight"]),

@@ -544,8 +544,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         summary.append((name, seconds, totals))
 
     print(
-        f"\nsummary: {args.model}, sparsity {100 * args.sparsity:.2f}%, "
-        f"input {_fmt_shape(shape)}"
+        f"\nsummary: {args.model}, sparsity {100 * args.sparsity:.2f}%, input {_fmt_shape(shape)}"
     )
     header = ("method", "seconds", "density", "remaining FLOPs", "collapsed layers")
     rows = [
