@@ -18,11 +18,13 @@ Writes JSON evidence (runs, mean, spread, hardware, versions) to --out.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -63,6 +65,17 @@ def dense_step_seconds(net, x, y, device, repeats: int = 5) -> list[float]:
     return times
 
 
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else platform's best guess."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--methods", default=",".join(ntksap.list_methods()))
@@ -76,13 +89,13 @@ def main() -> None:
     for m in methods:
         ntksap.get_method(m)  # unknown names fail here, before any timing
     device = torch.device(args.device)
+    # collapse is recorded per method in the JSON ("collapsed"); no need to warn as well
+    warnings.simplefilter("ignore", ntksap.LayerCollapseWarning)
 
     net = models.create("resnet20", num_classes=10).to(device)
     g = torch.Generator().manual_seed(0)
     x = torch.randn((100, *SHAPE), generator=g).to(device)
     y = torch.arange(10).repeat(10).to(device)  # class-balanced: 10 per class
-    import copy
-
     base = dense_step_seconds(copy.deepcopy(net), x, y, device)
     base_s = statistics.median(base)
     print(f"baseline: dense ResNet-20 fwd+bwd on 100 images: {base_s * 1e3:.1f} ms (median of 5)")
@@ -122,9 +135,7 @@ def main() -> None:
         "model": "resnet20 (CIFAR, 10 classes)",
         "sparsity": SPARSITY,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
