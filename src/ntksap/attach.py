@@ -12,7 +12,7 @@ Example:
     >>> net = nn.Linear(2, 2)
     >>> masks = Masks({"weight": torch.tensor([[True, False], [False, True]])})
     >>> net = apply_masks(net, masks)
-    >>> float(net.weight[0, 1])
+    >>> float(net.weight.detach()[0, 1])
     0.0
     >>> net = remove_masks(net)  # plain parameters again, exact zeros kept
 """
