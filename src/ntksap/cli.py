@@ -152,6 +152,122 @@ def _add_method_options(parser: argparse.ArgumentParser) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # The parser
 # ---------------------------------------------------------------------------------------
+def add_model_arguments(
+    p: argparse.ArgumentParser,
+    *,
+    model_required: bool = True,
+    shape_required: bool = True,
+    num_classes_default: int | None = 10,
+    classes_help: str = "output width (default 10)",
+) -> None:
+    """--model, --num-classes, --in-channels, --input-shape, --seed (shared by commands)."""
+    model_names = list_models()
+    p.add_argument(
+        "--model",
+        required=model_required,
+        default=None,
+        type=str.lower,
+        choices=model_names,
+        metavar="NAME",
+        help=f"registered model: {', '.join(model_names)}",
+    )
+    p.add_argument("--num-classes", type=int, default=num_classes_default, help=classes_help)
+    p.add_argument(
+        "--in-channels",
+        type=int,
+        default=None,
+        help="input channels (default: the first entry of --input-shape)",
+    )
+    p.add_argument(
+        "--input-shape",
+        type=parse_shape,
+        required=shape_required,
+        metavar="C,H,W",
+        help="one input's shape without the batch dimension, e.g. 3,32,32",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seeds the model's init and the method")
+
+
+def add_pruning_arguments(p: argparse.ArgumentParser) -> None:
+    """--method, the density (exactly one of three forms), schedule, scope, targets,
+    ablations and one flag per method option (shared by `prune` and `run`)."""
+    methods = list_methods()
+    p.add_argument(
+        "--method",
+        type=str.lower,
+        default="ntksap",
+        choices=methods,
+        metavar="NAME",
+        help=f"pruning method: {', '.join(methods)} (default ntksap)",
+    )
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sparsity", type=float, help="fraction of prunable weights removed")
+    target.add_argument("--density", type=float, help="fraction of prunable weights kept")
+    target.add_argument(
+        "--compression", type=float, metavar="K", help="density 0.8**K (the paper's grid k)"
+    )
+    p.add_argument("--rounds", type=int, help="pruning rounds T (default: the method's)")
+    p.add_argument("--schedule", choices=SCHEDULES, default="exponential")
+    p.add_argument("--scope", choices=SCOPES, default="global")
+    p.add_argument(
+        "--exclude",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATTERN",
+        help="glob patterns of parameter names to keep dense, e.g. 'fc.*'",
+    )
+    p.add_argument(
+        "--include",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="PATTERN",
+        help="glob patterns of further parameters to prune",
+    )
+    p.add_argument("--include-bias", action="store_true", help="prune Conv/Linear biases too")
+    p.add_argument("--invert", action="store_true", help="keep the lowest scores (ablation)")
+    p.add_argument("--shuffle", action="store_true", help="shuffle masks per layer (ablation)")
+    _add_method_options(p)
+
+
+def pruning_request(args: argparse.Namespace) -> tuple[Any, float, dict[str, Any]]:
+    """(method, density, method options) from parsed flags, validated before any work."""
+    meth = get_method(args.method)
+    all_options = sorted(o for o in _method_options() if hasattr(args, f"opt_{o}"))
+    options = {o: getattr(args, f"opt_{o}") for o in all_options}
+    options = {o: v for o, v in options.items() if v is not None}
+    wrong = [o for o in options if o not in meth.options]
+    if wrong:
+        valid = ", ".join(_option_flag(o) for o in meth.options) or "none"
+        raise UsageError(
+            f"{', '.join(_option_flag(o) for o in wrong)} is not an option of method "
+            f"{meth.name!r}; its valid options: {valid} (by method: {_options_help(all_options)})"
+        )
+    if args.compression is not None:
+        if not math.isfinite(args.compression) or args.compression < 0:
+            raise UsageError(f"--compression must be a number >= 0, got {args.compression}")
+        density, sparsity = 0.8**args.compression, None
+    else:
+        density, sparsity = args.density, args.sparsity
+    return meth, resolve_density(density, sparsity), options
+
+
+def pruning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The `ntksap.prune` keywords that come straight from the shared pruning flags."""
+    return {
+        "rounds": args.rounds,
+        "schedule": args.schedule,
+        "scope": args.scope,
+        "seed": args.seed,
+        "include_bias": args.include_bias,
+        "exclude": args.exclude,
+        "include": args.include,
+        "invert": args.invert,
+        "shuffle": args.shuffle,
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser of the `ntksap` command (choices read from the registries)."""
     methods, model_names = list_methods(), list_models()
@@ -179,66 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
             f"{', '.join(free)}. The others need --data synthetic for now."
         ),
     )
-    p.add_argument(
-        "--model",
-        required=True,
-        type=str.lower,
-        choices=model_names,
-        metavar="NAME",
-        help=f"registered model: {', '.join(model_names)}",
-    )
-    p.add_argument("--num-classes", type=int, default=10, help="output width (default 10)")
-    p.add_argument(
-        "--in-channels",
-        type=int,
-        default=None,
-        help="input channels (default: the first entry of --input-shape)",
-    )
-    p.add_argument(
-        "--input-shape",
-        type=parse_shape,
-        required=True,
-        metavar="C,H,W",
-        help="one input's shape without the batch dimension, e.g. 3,32,32",
-    )
-    p.add_argument(
-        "--method",
-        type=str.lower,
-        default="ntksap",
-        choices=methods,
-        metavar="NAME",
-        help=f"pruning method: {', '.join(methods)} (default ntksap)",
-    )
-    target = p.add_mutually_exclusive_group(required=True)
-    target.add_argument("--sparsity", type=float, help="fraction of prunable weights removed")
-    target.add_argument("--density", type=float, help="fraction of prunable weights kept")
-    target.add_argument(
-        "--compression", type=float, metavar="K", help="density 0.8**K (the paper's grid k)"
-    )
-    p.add_argument("--rounds", type=int, help="pruning rounds T (default: the method's)")
-    p.add_argument("--schedule", choices=SCHEDULES, default="exponential")
-    p.add_argument("--scope", choices=SCOPES, default="global")
-    p.add_argument("--seed", type=int, default=0, help="seeds the model's init and the method")
-    p.add_argument(
-        "--exclude",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="PATTERN",
-        help="glob patterns of parameter names to keep dense, e.g. 'fc.*'",
-    )
-    p.add_argument(
-        "--include",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="PATTERN",
-        help="glob patterns of further parameters to prune",
-    )
-    p.add_argument("--include-bias", action="store_true", help="prune Conv/Linear biases too")
-    p.add_argument("--invert", action="store_true", help="keep the lowest scores (ablation)")
-    p.add_argument("--shuffle", action="store_true", help="shuffle masks per layer (ablation)")
-    _add_method_options(p)
+    add_model_arguments(p)
+    add_pruning_arguments(p)
     p.add_argument(
         "--data",
         choices=DATA_CHOICES,
@@ -384,24 +442,7 @@ def _options_help(option_names: Sequence[str]) -> str:
 # ---------------------------------------------------------------------------------------
 def cmd_prune(args: argparse.Namespace) -> int:
     """`ntksap prune`: prune, print the table, save the masks."""
-    meth = get_method(args.method)
-    all_options = sorted(o for o in _method_options() if hasattr(args, f"opt_{o}"))
-    options = {o: getattr(args, f"opt_{o}") for o in all_options}
-    options = {o: v for o, v in options.items() if v is not None}
-    wrong = [o for o in options if o not in meth.options]
-    if wrong:
-        valid = ", ".join(_option_flag(o) for o in meth.options) or "none"
-        raise UsageError(
-            f"{', '.join(_option_flag(o) for o in wrong)} is not an option of method "
-            f"{meth.name!r}; its valid options: {valid} (by method: {_options_help(all_options)})"
-        )
-    if args.compression is not None:
-        if not math.isfinite(args.compression) or args.compression < 0:
-            raise UsageError(f"--compression must be a number >= 0, got {args.compression}")
-        density, sparsity = 0.8**args.compression, None
-    else:
-        density, sparsity = args.density, args.sparsity
-    d = resolve_density(density, sparsity)  # validates the range before any work
+    meth, d, options = pruning_request(args)  # validated before any work
     shape: tuple[int, ...] = args.input_shape
     in_channels = shape[0] if args.in_channels is None else args.in_channels
     if in_channels != shape[0]:
@@ -439,16 +480,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
         density=d,
         input_shape=shape,
         data=data,
-        rounds=args.rounds,
-        schedule=args.schedule,
-        scope=args.scope,
-        seed=args.seed,
-        include_bias=args.include_bias,
-        exclude=args.exclude,
-        include=args.include,
-        invert=args.invert,
-        shuffle=args.shuffle,
         device=args.device,
+        **pruning_kwargs(args),
         progress=_progress(args.progress),
         **options,
     )
