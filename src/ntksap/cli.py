@@ -129,8 +129,8 @@ def _add_method_options(parser: argparse.ArgumentParser) -> list[str]:
     taken = {a for action in parser._actions for a in action.option_strings}
     for opt, by_method in _method_options().items():
         flag = _option_flag(opt)
-        if flag in taken:  # a method option named like a core flag cannot get its own flag
-            continue
+        if flag in taken:  # named like a command flag (e.g. run's --batch-size): prefix it
+            flag = "--" + "-".join(by_method) + "-" + opt.replace("_", "-")
         defaults = next(iter(by_method.values()))
         kind = _OPTION_TYPES.get(opt) or type(defaults)
         where = "; ".join(f"{m} (default {_fmt_default(d)})" for m, d in by_method.items())
@@ -152,26 +152,26 @@ def _add_method_options(parser: argparse.ArgumentParser) -> list[str]:
 # ---------------------------------------------------------------------------------------
 # The parser
 # ---------------------------------------------------------------------------------------
-def add_model_arguments(
-    p: argparse.ArgumentParser,
-    *,
-    model_required: bool = True,
-    shape_required: bool = True,
-    num_classes_default: int | None = 10,
-    classes_help: str = "output width (default 10)",
-) -> None:
-    """--model, --num-classes, --in-channels, --input-shape, --seed (shared by commands)."""
+def add_model_arguments(p: argparse.ArgumentParser, *, with_shape: bool = True) -> None:
+    """--model and --seed; with `with_shape` also --num-classes, --in-channels and
+    --input-shape (commands that read a data set take those from it instead)."""
     model_names = list_models()
     p.add_argument(
         "--model",
-        required=model_required,
+        required=with_shape,
         default=None,
         type=str.lower,
         choices=model_names,
         metavar="NAME",
-        help=f"registered model: {', '.join(model_names)}",
+        help=f"registered model: {', '.join(model_names)}"
+        + ("" if with_shape else " (default: the preset's)"),
     )
-    p.add_argument("--num-classes", type=int, default=num_classes_default, help=classes_help)
+    p.add_argument(
+        "--seed", type=int, default=0, help="seeds the model's init, the method and the data order"
+    )
+    if not with_shape:
+        return
+    p.add_argument("--num-classes", type=int, default=10, help="output width (default 10)")
     p.add_argument(
         "--in-channels",
         type=int,
@@ -181,11 +181,10 @@ def add_model_arguments(
     p.add_argument(
         "--input-shape",
         type=parse_shape,
-        required=shape_required,
+        required=True,
         metavar="C,H,W",
         help="one input's shape without the batch dimension, e.g. 3,32,32",
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds the model's init and the method")
 
 
 def add_pruning_arguments(p: argparse.ArgumentParser) -> None:
@@ -283,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
     )
-    sub = parser.add_subparsers(dest="command", metavar="{prune,list,demo}", required=True)
+    sub = parser.add_subparsers(
+        dest="command", metavar="{prune,train,run,list,demo}", required=True
+    )
 
     # --- prune ----------------------------------------------------------------------------
     p = sub.add_parser(
@@ -316,6 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="progress bar on stderr (default: on when stderr is a terminal)",
     )
     p.set_defaults(func=cmd_prune)
+
+    # --- train, run -----------------------------------------------------------------------
+    from ntksap.training.commands import add_commands
+
+    add_commands(sub)
 
     # --- list -----------------------------------------------------------------------------
     ls = sub.add_parser("list", help="list the registered methods and models")

@@ -1,0 +1,79 @@
+"""Atomic, pickle-free checkpoints and small JSON files.
+
+Every write goes to a temporary file in the same folder, then `os.replace`s the target, so a
+crash mid-write never corrupts the previous checkpoint. Checkpoints are read back with
+`torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only.
+
+Example:
+    >>> import tempfile, pathlib
+    >>> p = pathlib.Path(tempfile.mkdtemp()) / "r.json"
+    >>> _ = write_json(p, {"top1": 91.4})
+    >>> read_json(p)["top1"]
+    91.4
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "ntksap.checkpoint/1"
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    """Write `obj` as indented JSON, atomically."""
+    return _atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write a training checkpoint atomically (`state` must be weights_only-loadable)."""
+    return _atomic(path, lambda t: torch.save({"format": CHECKPOINT_FORMAT, **state}, t))
+
+
+def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` without unpickling arbitrary objects."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not an ntksap checkpoint ({CHECKPOINT_FORMAT})")
+    return state
+
+
+def rng_state() -> dict[str, Any]:
+    """torch's CPU and CUDA generator states (the data order is derived from the seed)."""
+    out: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
