@@ -64,8 +64,8 @@ def test_iterative_rounds_follow_the_schedule(convnet, monkeypatch):
     seen = []
     real_select = select
 
-    def spy(scores, masks, density, scope):
-        out = real_select(scores, masks, density, scope)
+    def spy(scores, masks, density, scope, generator=None):
+        out = real_select(scores, masks, density, scope, generator)
         seen.append((density, sum(int(m.sum()) for m in out.values())))
         return out
 
@@ -229,3 +229,16 @@ def test_a_kept_weight_scored_minus_inf_still_beats_a_pruned_one(scope):
     assert out["w"].tolist() == [False, True, True, True]
     out = select(scores, masks, density=0.5, scope=scope)
     assert out["w"].tolist() == [False, True, False, True]
+
+
+def test_exact_ties_are_not_cut_from_the_last_layers_first():
+    """Many exact ties (here: equal magnitudes) must not all be cut from one layer."""
+    net = torch.nn.Sequential(torch.nn.Linear(60, 60), torch.nn.Linear(60, 60))
+    with torch.no_grad():
+        for lin in net:
+            lin.weight.fill_(0.5)
+    masks = ntksap.prune(net, "magnitude", density=0.5)
+    assert masks.num_kept == 3600
+    for d in masks.layer_densities().values():
+        assert 0.45 < d < 0.55  # by flat index it would be 1.0 and 0.0
+    assert masks == ntksap.prune(net, "magnitude", density=0.5)  # still deterministic

@@ -92,12 +92,15 @@ def kept_count(density: float, n: int) -> int:
 # ---------------------------------------------------------------------------------------
 # Selection
 # ---------------------------------------------------------------------------------------
-def _keep_top(flat: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the k largest entries of 1-D `flat`; ties go to the lower flat index.
+def _keep_top(flat: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Bool mask of the k largest entries of 1-D `flat`, exactly k of them.
 
-    O(N): the k-th largest value by selection (`kthvalue`), everything above it, then the
-    lowest-index entries equal to it until exactly k are kept. Same result as a stable
-    descending sort (tested), about 8x faster than one on 25M scores.
+    O(N): the k-th largest value by selection (`kthvalue`), everything above it, then
+    entries equal to it until exactly k are kept: the lowest flat indices without
+    `generator` (same result as a stable descending sort, tested), or a seeded random choice
+    with one. Random tie-breaking matters when many scores tie exactly (e.g. zero scores of
+    weights next to units that are dead for the whole scoring batch): by flat index those
+    ties would always be cut from the last layers first, a systematic layer bias.
     """
     n = flat.numel()
     if k <= 0:
@@ -109,19 +112,24 @@ def _keep_top(flat: torch.Tensor, k: int) -> torch.Tensor:
     missing = k - int(keep.sum())
     if missing > 0:
         ties = torch.nonzero(flat == threshold).flatten()  # ascending flat index
+        if generator is not None and ties.numel() > missing:
+            pick = torch.randperm(ties.numel(), generator=generator)[:missing]
+            ties = ties[pick.to(ties.device)]
         keep[ties[:missing]] = True
     return keep
 
 
-def _keep_top_among(scores: torch.Tensor, alive: torch.Tensor, k: int) -> torch.Tensor:
+def _keep_top_among(
+    scores: torch.Tensor, alive: torch.Tensor, k: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Bool mask (flat) keeping the k best-scored entries among those with `alive` True.
 
     Only alive entries are candidates, so a pruned weight never comes back, even when a
-    kept one scores -inf; ties still go to the lower flat index.
+    kept one scores -inf.
     """
     idx = torch.nonzero(alive).flatten()  # ascending flat index
     keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    keep[idx[_keep_top(scores[idx], k)]] = True
+    keep[idx[_keep_top(scores[idx], k, generator)]] = True
     return keep
 
 
@@ -130,11 +138,13 @@ def select(
     masks: Mapping[str, torch.Tensor],
     density: float,
     scope: str = "global",
+    generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
     """New masks keeping exactly round(density * N) of the highest scores.
 
     Only currently kept entries (mask True) compete, so pruned ones never come back;
     N counts all entries. `scope="global"` ranks across all tensors, `"local"` within each.
+    Exact ties at the cut go to the lower flat index, or are drawn with `generator`.
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
@@ -152,13 +162,13 @@ def select(
         for n, s in scores.items():
             m = masks[n]
             k = min(kept_count(density, s.numel()), int(m.sum()))
-            out[n] = _keep_top_among(s.flatten(), m.flatten(), k).view_as(s)
+            out[n] = _keep_top_among(s.flatten(), m.flatten(), k, generator).view_as(s)
         return out
     names = list(scores)
     flat = torch.cat([scores[n].flatten().to(dtype or torch.float32) for n in names])
     alive = torch.cat([masks[n].flatten() for n in names])
     k = min(kept_count(density, flat.numel()), int(alive.sum()))
-    keep = _keep_top_among(flat, alive, k)
+    keep = _keep_top_among(flat, alive, k, generator)
     out, offset = {}, 0
     for n in names:
         size = scores[n].numel()
@@ -484,6 +494,8 @@ def prune(
         from tqdm.auto import tqdm
 
         rounds_iter = tqdm(rounds_iter, desc=f"prune {st.method.name}", unit="round", leave=False)
+    # Exact ties at the cut are drawn at random (seeded): no bias towards any layer.
+    ties = torch.Generator().manual_seed(seed)
     with _seeded(st, seed):
         for t in rounds_iter:
             scores = st.method.fn(_context(st, masks, t + 1, rounds))
@@ -492,7 +504,7 @@ def prune(
                 raise RuntimeError(f"method {st.method.name} returned scores for the wrong tensors")
             if invert:
                 scores = {n: -s for n, s in scores.items()}
-            masks = select(scores, masks, densities[t], scope)
+            masks = select(scores, masks, densities[t], scope, ties)
     result = Masks(
         {n: m.cpu() for n, m in masks.items()},
         {

@@ -31,7 +31,13 @@ from ntksap.reinit import reinitialize
 from ntksap.stats import format_table, layer_table
 from ntksap.training import distributed
 from ntksap.training.checkpoint import read_json, write_json
-from ntksap.training.config import PRESETS, SCHEDULES, TrainConfig, list_presets
+from ntksap.training.config import (
+    PRESETS,
+    SCHEDULES,
+    TrainConfig,
+    list_presets,
+    preset_for_dataset,
+)
 from ntksap.training.loop import CHECKPOINT_FILE, fit
 
 MASK_FILE = "mask.safetensors"
@@ -96,7 +102,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
 
 def resolve_training(args: argparse.Namespace) -> tuple[TrainConfig, str, str]:
     """(TrainConfig, model name, dataset name) from the preset and the override flags."""
-    base = PRESETS[args.preset] if args.preset else None
+    name = args.preset
+    if name is None and args.dataset is not None:
+        name = preset_for_dataset(args.dataset)
+        if name is not None:
+            print(f"no --preset: using {name!r}, the preset for {args.dataset}; flags override it")
+    base = PRESETS[name] if name else None
     cfg = base["train"] if base else TrainConfig()
     cfg = cfg.with_overrides(
         epochs=args.epochs,

@@ -161,7 +161,27 @@ PRESETS: dict[str, dict[str, Any]] = {
         ),
         "model": "resnet50", "dataset": "imagenet",
     },
+    # Small settings for the embedded data sets (not from the paper): a few CPU minutes.
+    "mnist5k-lenet5": {
+        "train": TrainConfig(
+            epochs=20, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+            schedule="cosine", preset="mnist5k-lenet5",
+        ),
+        "model": "lenet5", "dataset": "mnist5k",
+    },
+    "digits-lenet5": {
+        "train": TrainConfig(
+            epochs=30, batch_size=64, lr=0.05, momentum=0.9, weight_decay=5e-4,
+            schedule="cosine", preset="digits-lenet5",
+        ),
+        "model": "lenet5", "dataset": "digits",
+    },
 }  # fmt: skip
+
+
+def preset_for_dataset(dataset: str) -> str | None:
+    """The preset whose data set is `dataset` (the default when no preset is named)."""
+    return next((k for k, v in PRESETS.items() if v["dataset"] == dataset), None)
 
 
 def list_presets() -> list[str]:
