@@ -81,7 +81,12 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--gamma", type=float, help="multistep drop factor")
     t.add_argument("--warmup-epochs", type=float)
     t.add_argument("--label-smoothing", type=float)
-    t.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None, help="GPU only")
+    t.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bfloat16 mixed precision (default: on with CUDA)",
+    )
     t.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
     t.add_argument("--eval-every", type=int, help="evaluate every k epochs (and at the end)")
     t.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm under DDP")

