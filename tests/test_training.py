@@ -230,3 +230,56 @@ def test_ddp_two_ranks_match_one_process_with_the_doubled_batch(tmp_path):
     for k, v in one["state"].items():
         assert torch.equal(r0["state"][k], r1["state"][k]), k  # ranks in lock-step
         assert torch.allclose(r0["state"][k], v, atol=1e-5, rtol=1e-5), k
+
+
+def test_torchrun_ntksap_run_writes_once_from_rank_zero(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ntksap", "run",
+         "--dataset", "digits", "--model", "lenet5", "--method", "ntksap", "--sparsity", "0.9",
+         "--rounds", "2", "--num-samples", "20", "--epochs", "2", "--batch-size", "64",
+         "--out", str(out), "--no-progress"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stdout.count("done: final top-1") == 1  # only rank 0 reports
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2 and result["density"] == pytest.approx(0.1, abs=1e-4)
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_sigkilled_cli_run_resumes_bit_identical(tmp_path):
+    """A real kill (SIGKILL mid-training) then --resume ends with the uninterrupted weights."""
+    import signal
+    import time
+
+    common = ["train", "--dataset", "digits", "--model", "lenet5", "--epochs", "12",
+              "--batch-size", "64", "--no-progress"]  # fmt: skip
+    assert cli([*common, "--out", str(tmp_path / "ref")]) == 0
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(HERE.parent / "src")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ntksap", *common, "--out", str(killed)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ckpt = killed / "checkpoint.pt"
+        if ckpt.exists() and (killed / "metrics.jsonl").read_text().count("\n") >= 2:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = load_checkpoint(killed / "checkpoint.pt")["epoch"]
+    assert 1 <= done < 12, "the kill must land mid-training"
+    assert cli([*common, "--out", str(killed), "--resume"]) == 0
+    ref = load_checkpoint(tmp_path / "ref" / "checkpoint.pt")
+    got = load_checkpoint(killed / "checkpoint.pt")
+    assert got["epoch"] == 12
+    for k, v in ref["model"].items():
+        assert torch.equal(v, got["model"][k]), k
+    epochs = [json.loads(x)["epoch"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 13))

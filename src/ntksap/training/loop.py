@@ -201,6 +201,12 @@ def fit(
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            for p in model.parameters():
+                # (O, 1, kh, kw): NHWC and NCHW are the same bytes but nominally different
+                # strides, which DDP's gradient buckets reject (a warning and a slow path)
+                if p.dim() == 4 and p.shape[1] == 1:
+                    p.data = p.data.clone(memory_format=torch.contiguous_format)
     if env.distributed and sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     net = (
