@@ -283,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{prune,train,run,list,demo}", required=True
+        dest="command", metavar="{prune,train,run,spectrum,list,demo}", required=True
     )
 
     # --- prune ----------------------------------------------------------------------------
@@ -322,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ntksap.training.commands import add_commands
 
     add_commands(sub)
+    from ntksap.analysis.commands import add_commands as add_analysis_commands
+
+    add_analysis_commands(sub)
 
     # --- list -----------------------------------------------------------------------------
     ls = sub.add_parser("list", help="list the registered methods and models")
