@@ -84,3 +84,60 @@ def test_finite_difference_trace_leaves_the_model_alone():
     assert net.training
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_cli_spectrum_table_plot_and_json(tmp_path, capsys):
+    import json
+
+    from ntksap.cli import main
+
+    out = tmp_path / "spec"
+    rc = main(["spectrum", "--model", "lenet5", "--num-classes", "4", "--input-shape", "1,8,8",
+               "--sparsity", "0.8", "--methods", "random,synflow", "--samples", "6",
+               "--fd-draws", "3", "--out-dir", str(out)])  # fmt: skip
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "closest to dense:" in text and "dist. to dense" in text
+    assert (out / "spectrum.png").stat().st_size > 10_000
+    report = json.loads((out / "spectrum.json").read_text())
+    rows = {r["network"]: r for r in report["rows"]}
+    assert list(rows) == ["dense", "random", "synflow"]
+    assert rows["dense"]["distance_to_dense"] == 0.0
+    assert rows["random"]["density"] == pytest.approx(0.2, abs=1e-3)
+    for name, eig in report["eigenvalues"].items():
+        assert len(eig) == 6 * 4  # N x K
+        assert sum(eig) == pytest.approx(rows[name]["trace"], rel=1e-9)
+    # the same from mask files
+    masks = ntksap.prune(ntksap.models.create("lenet5", num_classes=4, in_channels=1),
+                         "magnitude", sparsity=0.8)  # fmt: skip
+    path = masks.save(tmp_path / "mag.safetensors")
+    rc = main(["spectrum", "--model", "lenet5", "--num-classes", "4", "--input-shape", "1,8,8",
+               "--masks", str(path), "--samples", "6", "--fd-draws", "2",
+               "--out-dir", str(tmp_path / "m")])  # fmt: skip
+    assert rc == 0
+    rows = json.loads((tmp_path / "m" / "spectrum.json").read_text())["rows"]
+    assert [r["network"] for r in rows] == ["dense", "mag"]
+    with pytest.raises(SystemExit) as exc:  # argparse: usage error, exit code 2
+        main(["spectrum", "--model", "lenet5", "--input-shape", "1,8,8", "--methods", "nope"])
+    assert exc.value.code == 2
+    assert "valid choices: grasp, itersnip" in capsys.readouterr().err
+
+
+def test_calibrate_batchnorm_uses_the_pruned_networks_batch_statistics():
+    from ntksap.analysis.spectrum import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten())
+    x = torch.randn(7, 2, 6, 6)
+    masks = ntksap.prune(net, "random", density=0.5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    cal = calibrate_batchnorm(net, x, masks)
+    h = torch.nn.functional.conv2d(
+        x, net[0].weight * masks["0.weight"], net[0].bias
+    )  # (7, 3, 4, 4)
+    assert torch.allclose(cal[1].running_mean, h.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(cal[1].running_var, h.var(dim=(0, 2, 3), correction=1), atol=1e-5)
+    assert cal[1].momentum == net[1].momentum and not cal.training
+    assert (cal[0].weight[~masks["0.weight"]] == 0).all()
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k]), k  # the original is untouched

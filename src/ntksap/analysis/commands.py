@@ -24,6 +24,7 @@ import torch
 
 from ntksap.analysis.spectrum import (
     Spectrum,
+    calibrate_batchnorm,
     finite_difference_trace,
     spectrum,
     spectrum_distance,
@@ -78,6 +79,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--implementation", choices=("auto", "jacobian", "ntk_vp"), default="auto")
     p.add_argument(
         "--memory-limit-gb", type=float, default=2.0, help="cap on any intermediate (GiB)"
+    )
+    p.add_argument(
+        "--bn-stats",
+        choices=("calibrate", "init"),
+        default="calibrate",
+        help="BatchNorm statistics in the eval-mode NTK: 'calibrate' (default) measures each "
+        "network's statistics on the NTK inputs (NTK-SAP's BN rule); 'init' keeps the initial "
+        "running statistics (0, 1), under which BN normalises nothing",
     )
     p.add_argument("--fd-draws", type=int, default=8, help="perturbations for the FD estimate")
     p.add_argument("--epsilon", type=float, default=0.01, help="FD perturbation std")
@@ -197,11 +206,12 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     fd: dict[str, tuple[float, float]] = {}
     for name, m in [("dense", None), *masks.items()]:
         t0 = time.perf_counter()
-        kernel = empirical_ntk(model, x, m, **ntk_kw)
+        net = calibrate_batchnorm(model, x, m) if args.bn_stats == "calibrate" else model
+        kernel = empirical_ntk(net, x, m, **ntk_kw)
         kernels_s[name] = time.perf_counter() - t0
         spectra[name] = spectrum(kernel)
         fd[name] = finite_difference_trace(
-            model, x, m, epsilon=args.epsilon, draws=args.fd_draws, seed=args.seed
+            net, x, m, epsilon=args.epsilon, draws=args.fd_draws, seed=args.seed
         )
         print(f"NTK {name}: {tuple(kernel.shape)} in {kernels_s[name]:.1f} s", flush=True)
 
@@ -238,7 +248,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
     n = x.shape[0]
     k = dense.eigenvalues.size // n  # logits per input
     title = (
-        f"{args.model}, NTK of {n} inputs x {k} logits ({source}), "
+        f"{args.model}, NTK of {n} inputs x {k} logits\n({source}, BN stats {args.bn_stats}), "
         f"{'given masks' if args.masks else f'sparsity {100 * (1 - d):.1f}%'}"
     )
     print(title)
@@ -262,6 +272,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
             "samples": n,
             "logits": k,
             "dtype": args.dtype,
+            "bn_stats": args.bn_stats,
             "rows": rows,
             "eigenvalues": {name: s.eigenvalues.tolist() for name, s in spectra.items()},
         },

@@ -2,7 +2,8 @@
 
 `spectrum(K)` sorts the eigenvalues of a symmetric kernel matrix (float64 `eigvalsh`),
 `spectrum_distance(a, b)` compares two spectra on a log scale, and
-`finite_difference_trace(...)` is the quantity NTK-SAP scores with,
+`calibrate_batchnorm(...)` sets a (pruned) network's BatchNorm statistics on the NTK inputs,
+and `finite_difference_trace(...)` is the quantity NTK-SAP scores with,
 R / eps^2 = E_delta ||f(x; theta*m) - f(x; (theta+delta)*m)||^2 / eps^2, an unbiased estimate
 (to first order in eps) of the exact trace ||J diag(m)||_F^2 at fixed weights and inputs,
 for comparison with `empirical_ntk(..., mode="trace")`.
@@ -16,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ntksap.attach import apply_masks, remove_masks
+from ntksap.scoring.base import batchnorms
 from ntksap.targets import prunable_parameters
 
 
@@ -150,3 +154,31 @@ def finite_difference_trace(
     arr = np.asarray(values)
     err = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.nan
     return float(arr.mean()), err
+
+
+@torch.no_grad()
+def calibrate_batchnorm(
+    model: nn.Module, x: torch.Tensor, masks: Mapping[str, torch.Tensor] | None = None
+) -> nn.Module:
+    """A copy of `model` with `masks` baked in and BatchNorm statistics measured on `x`.
+
+    Every BatchNorm's running mean and (unbiased) variance become this (pruned) network's
+    batch statistics on `x`: one no-grad train-mode pass with momentum 1, NTK-SAP's own BN
+    rule. At initialisation the running statistics are (0, 1), so in eval mode BatchNorm
+    normalises nothing; pruning then shrinks activations layer after layer and the NTK
+    measures that loss of scale rather than the network that will be trained (where
+    BatchNorm does normalise). The copy is returned in eval mode; `model` is untouched.
+    """
+    net = copy.deepcopy(model)
+    if masks:
+        remove_masks(apply_masks(net, masks))  # pruned weights exactly 0, plain parameters
+    bns = batchnorms(net)
+    momenta = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = 1.0
+    net.train()
+    net(x.to(next(net.parameters()).device))
+    for bn, mom in zip(bns, momenta):
+        bn.momentum = mom
+    return net.eval()
