@@ -28,6 +28,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from _common import cpu_name
 
 import ntksap
 from ntksap import models
@@ -63,17 +64,6 @@ def dense_step_seconds(net, x, y, device, repeats: int = 5) -> list[float]:
             times.append(time.perf_counter() - t)
         net.zero_grad(set_to_none=True)
     return times
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform's best guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

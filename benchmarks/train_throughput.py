@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import cpu_name
 from torch.nn.utils import prune as torch_prune
 
 import ntksap
@@ -153,16 +154,6 @@ def ntksap_run(net, masks, ds, device, channels_last, amp, warmup, steps) -> flo
     train_one_epoch(net, Window(steps), **run)
     _sync(device)
     return steps * 128 / (time.perf_counter() - t)
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
