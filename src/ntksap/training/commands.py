@@ -96,7 +96,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, required=True, help="the run folder")
     o.add_argument("--resume", action="store_true", help="continue the run in --out")
-    o.add_argument("--train-device", dest="train_device", help="default: cuda:LOCAL_RANK or cpu")
+    o.add_argument(
+        "--device", dest="train_device", metavar="DEVICE", help="default: cuda:LOCAL_RANK, else cpu"
+    )
     o.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,
