@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import cpu_name
 
 import ntksap
 from ntksap import models
@@ -41,17 +42,6 @@ from ntksap.analysis.ntk import empirical_ntk, ntk_cost
 SPARSITY = 0.738
 SHAPE = (3, 32, 32)
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo (Linux), else platform's best guess."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _sync(device: str) -> None:
