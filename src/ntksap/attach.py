@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -44,6 +45,18 @@ class MaskParametrization(nn.Module):
 
     def extra_repr(self) -> str:
         return f"density={float(self.mask.float().mean()):.4f}"
+
+
+def private_copy(model: nn.Module) -> nn.Module:
+    """A deep copy to work on, so the user's model is never touched; a clear error if the
+    model cannot be copied (torch.nn.utils.prune's hooks cannot, in torch 2.13)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot deep-copy the model ({exc}); models with torch.nn.utils.prune hooks "
+            "cannot be copied: call torch.nn.utils.prune.remove on them first"
+        ) from exc
 
 
 def _owners(model: nn.Module) -> dict[str, list[tuple[nn.Module, str]]]:

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import time
 import warnings
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ntksap.attach import private_copy
 from ntksap.masks import Masks
 from ntksap.scoring import Method, ScoreContext, get_method, list_methods
 from ntksap.targets import prunable_parameters
@@ -322,13 +322,7 @@ def _setup(
             "dimension), or data to read it from"
         )
     # Work on a private copy: the user's model is never touched.
-    try:
-        work = copy.deepcopy(model)
-    except Exception as exc:
-        raise TypeError(
-            f"cannot deep-copy the model ({exc}); models with torch.nn.utils.prune hooks "
-            "cannot be copied: call torch.nn.utils.prune.remove on them first"
-        ) from exc
+    work = private_copy(model)
     work = work.to(dev)
     work_params = dict(work.named_parameters())
     for p in work.parameters():

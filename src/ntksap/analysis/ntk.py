@@ -123,7 +123,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -135,7 +134,7 @@ from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.flop_counter import FlopCounterMode
 
-from ntksap.attach import get_masks, remove_masks
+from ntksap.attach import get_masks, private_copy, remove_masks
 from ntksap.masks import Masks
 from ntksap.targets import prunable_parameters
 
@@ -264,13 +263,7 @@ def _prepare(
                 "mode, so one input's logits depend on the other inputs and the per-sample "
                 "NTK is undefined"
             )
-    try:
-        work = copy.deepcopy(model)
-    except Exception as exc:
-        raise TypeError(
-            f"cannot deep-copy the model ({exc}); models with torch.nn.utils.prune hooks "
-            "cannot be copied: call torch.nn.utils.prune.remove on them first"
-        ) from exc
+    work = private_copy(model)
     if len(attached):
         remove_masks(work)  # bake theta * m into plain parameters (on the copy only)
     dev = torch.device(device) if device is not None else next(iter(targets.values())).device

@@ -17,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ntksap.attach import apply_masks, remove_masks
+from ntksap.attach import apply_masks, private_copy, remove_masks
 from ntksap.scoring.base import batchnorms
 from ntksap.targets import prunable_parameters
 
@@ -169,7 +168,7 @@ def calibrate_batchnorm(
     measures that loss of scale rather than the network that will be trained (where
     BatchNorm does normalise). The copy is returned in eval mode; `model` is untouched.
     """
-    net = copy.deepcopy(model)
+    net = private_copy(model)
     if masks:
         remove_masks(apply_masks(net, masks))  # pruned weights exactly 0, plain parameters
     bns = batchnorms(net)
