@@ -150,6 +150,7 @@ def main() -> None:
                     todo.append(("auto", "trace"))
                 for impl, mode in todo:
                     runs = []
+                    loads = []
                     out = None
                     for _ in range(args.repeats):
                         call = functools.partial(
@@ -163,6 +164,7 @@ def main() -> None:
                             memory_limit=limit,
                             device=device,
                         )
+                        loads.append(os.getloadavg()[0])
                         sec, out = timed(device, call)
                         runs.append(sec)
                     assert out is not None
@@ -177,6 +179,9 @@ def main() -> None:
                         "implementation": impl if mode == "full" else "rows (trace)",
                         "runs_s": [round(r, 3) for r in runs],
                         "median_s": round(statistics.median(runs), 3),
+                        # 1-min load average just before each run: > threads means another
+                        # process shared the cores and the time is inflated
+                        "loadavg_before": [round(v, 2) for v in loads],
                         "auto_choice": plan["choice"] if mode == "full" else "rows",
                         "plan": {
                             k: plan[key].get(k)
@@ -200,7 +205,8 @@ def main() -> None:
                     save()
                     print(
                         f"{device:5s} {dname:8s} {mkind:6s} {mode:5s} {row['implementation']:13s}"
-                        f" {row['median_s']:9.2f} s  runs {row['runs_s']}",
+                        f" {row['median_s']:9.2f} s  runs {row['runs_s']}"
+                        f"  load {row['loadavg_before']}",
                         flush=True,
                     )
                 agree: dict[str, Any] = {"device": device, "dtype": dname, "mask": mkind}
