@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ntksap.files import atomic_write
+
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth")
 
@@ -152,24 +154,21 @@ class Masks(Mapping[str, torch.Tensor]):
         suffix = path.suffix.lower()
         tensors = {k: m.detach().cpu().contiguous() for k, m in self._masks.items()}
         meta = {"format": "ntksap.masks/1", "metadata": json.dumps(self.metadata, default=str)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        try:
-            if suffix in SAFETENSORS_SUFFIXES:
-                from safetensors.torch import save_file
+        if suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import save_file
 
+            def write(tmp: Path) -> None:
                 save_file(tensors, str(tmp), metadata=meta)
-            elif suffix in TORCH_SUFFIXES:
+        elif suffix in TORCH_SUFFIXES:
+
+            def write(tmp: Path) -> None:
                 torch.save({"masks": tensors, **meta}, tmp)
-            else:
-                raise MaskError(
-                    f"unknown mask file suffix {suffix!r} for {path}; "
-                    f"use one of {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
-                )
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
+        else:
+            raise MaskError(
+                f"unknown mask file suffix {suffix!r} for {path}; "
+                f"use one of {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
+            )
+        atomic_write(path, write)
         return path
 
     @classmethod

@@ -1,7 +1,7 @@
 """Atomic, pickle-free checkpoints and small JSON files.
 
-Every write goes to a temporary file in the same folder, then `os.replace`s the target, so a
-crash mid-write never corrupts the previous checkpoint. Checkpoints are read back with
+Every write goes through `ntksap.files.atomic_write` (temporary file, then `os.replace`), so
+a crash mid-write never corrupts the previous checkpoint. Checkpoints are read back with
 `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only.
 
 Example:
@@ -14,41 +14,29 @@ Example:
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ntksap.files import atomic_write, read_json, write_json
+
 CHECKPOINT_FORMAT = "ntksap.checkpoint/1"
 
-
-def _atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_json(path: Path, obj: Any) -> Path:
-    """Write `obj` as indented JSON, atomically."""
-    return _atomic(path, lambda t: t.write_text(json.dumps(obj, indent=2, default=str) + "\n"))
-
-
-def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "load_checkpoint",
+    "read_json",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "write_json",
+]
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write a training checkpoint atomically (`state` must be weights_only-loadable)."""
-    return _atomic(path, lambda t: torch.save({"format": CHECKPOINT_FORMAT, **state}, t))
+    return atomic_write(path, lambda t: torch.save({"format": CHECKPOINT_FORMAT, **state}, t))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
