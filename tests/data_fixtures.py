@@ -2,7 +2,8 @@
 
 - CIFAR-10/100: pickles byte-compatible with the official Python 2 files (protocol 2,
   Python-2 `str` opcodes for bytes and str, numpy 1's `numpy.core.multiarray._reconstruct`
-  global), in the extracted folder and as the .tar.gz.
+  global), in the extracted folder and as the .tar.gz; or, with `dumps=py3_pickle(p)`, as a
+  Python 3 re-export pickled with protocol p (numpy 2 or numpy 1 global names).
 - Tiny-ImageNet: train/<wnid>/images/*.JPEG, val/images + val_annotations.txt, wnids.txt.
 - ImageFolder: train/<class>/*, val/<class>/* with JPEG and PNG files, mixed-case extensions.
 
@@ -16,6 +17,7 @@ import io
 import pickle
 import struct
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,38 @@ def py2_pickle(obj: object) -> bytes:
     return buf.getvalue()
 
 
+class Numpy1Pickler(pickle._Pickler):
+    """Python 3's pickler naming numpy's globals as numpy 1.x did (`numpy.core.*`), so the
+    files a numpy 1 install writes can be made with numpy 2 installed."""
+
+    def save_global(self, obj, name=None) -> None:
+        name = name or obj.__qualname__
+        module = pickle.whichmodule(obj, name).replace("numpy._core", "numpy.core", 1)
+        if self.proto >= 4:
+            self.save(module)
+            self.save(name)
+            self.write(pickle.STACK_GLOBAL)
+        else:
+            if self.proto < 3 and module == "builtins":
+                module = "__builtin__"  # what fix_imports writes for Python 2 readers
+            self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode())
+        self.memoize(obj)
+
+
+def py3_pickle(protocol: int, numpy1: bool = False) -> Callable[[object], bytes]:
+    """`pickle.dumps(obj, protocol)`: what a Python 3 re-export of a batch holds; with
+    `numpy1`, numpy's globals under their numpy 1.x names."""
+
+    def dumps(obj: object) -> bytes:
+        if not numpy1:
+            return pickle.dumps(obj, protocol=protocol)
+        buf = io.BytesIO()
+        Numpy1Pickler(buf, protocol=protocol).dump(obj)
+        return buf.getvalue()
+
+    return dumps
+
+
 # --- CIFAR ----------------------------------------------------------------------------------
 
 
@@ -89,8 +123,19 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.reshape(len(x), 3072))
 
 
-def write_cifar10(root: Path, per_batch: int = 3, n_test: int = 4, seed: int = 0) -> FakeCifar:
-    """root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}."""
+def write_cifar10(
+    root: Path,
+    per_batch: int = 3,
+    n_test: int = 4,
+    seed: int = 0,
+    dumps: Callable[[object], bytes] = py2_pickle,
+    labels: Callable[[list[int]], object] = list,
+) -> FakeCifar:
+    """root/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta}.
+
+    `dumps` pickles each file (default: as the official Python 2 files); `labels` turns
+    a batch's label list into what is stored (e.g. `np.array`).
+    """
     rng = np.random.default_rng(seed)
     folder = root / "cifar-10-batches-py"
     folder.mkdir(parents=True)
@@ -108,7 +153,7 @@ def write_cifar10(root: Path, per_batch: int = 3, n_test: int = 4, seed: int = 0
     ]
     meta = {b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in classes]}
     meta[b"num_vis"] = 3072
-    (folder / "batches.meta").write_bytes(py2_pickle(meta))
+    (folder / "batches.meta").write_bytes(dumps(meta))
     xs, ys = [], []
     count = 0
     for b in range(1, 6):
@@ -117,27 +162,35 @@ def write_cifar10(root: Path, per_batch: int = 3, n_test: int = 4, seed: int = 0
         count += per_batch
         batch = {
             b"batch_label": f"training batch {b} of 5".encode(),
-            b"labels": y,
+            b"labels": labels(y),
             b"data": _rows(x),
             b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)],
         }
-        (folder / f"data_batch_{b}").write_bytes(py2_pickle(batch))
+        (folder / f"data_batch_{b}").write_bytes(dumps(batch))
         xs.append(x)
         ys.extend(y)
     tx = np.stack([cifar_image(1000 + i, rng) for i in range(n_test)])
     ty = [int(v) for v in rng.integers(0, 10, n_test)]
     test = {
         b"batch_label": b"testing batch 1 of 1",
-        b"labels": ty,
+        b"labels": labels(ty),
         b"data": _rows(tx),
         b"filenames": [f"test_{i}.png".encode() for i in range(n_test)],
     }
-    (folder / "test_batch").write_bytes(py2_pickle(test))
+    (folder / "test_batch").write_bytes(dumps(test))
     return FakeCifar(folder, np.concatenate(xs), np.array(ys), tx, np.array(ty), classes)
 
 
-def write_cifar100(root: Path, n_train: int = 6, n_test: int = 3, seed: int = 1) -> FakeCifar:
-    """root/cifar-100-python/{train, test, meta} with fine and coarse labels."""
+def write_cifar100(
+    root: Path,
+    n_train: int = 6,
+    n_test: int = 3,
+    seed: int = 1,
+    dumps: Callable[[object], bytes] = py2_pickle,
+    labels: Callable[[list[int]], object] = list,
+) -> FakeCifar:
+    """root/cifar-100-python/{train, test, meta} with fine and coarse labels (`dumps` and
+    `labels` as for `write_cifar10`)."""
     rng = np.random.default_rng(seed)
     folder = root / "cifar-100-python"
     folder.mkdir(parents=True)
@@ -146,7 +199,7 @@ def write_cifar100(root: Path, n_train: int = 6, n_test: int = 3, seed: int = 1)
         b"fine_label_names": [c.encode() for c in fine],
         b"coarse_label_names": [f"coarse{i:02d}".encode() for i in range(20)],
     }
-    (folder / "meta").write_bytes(py2_pickle(meta))
+    (folder / "meta").write_bytes(dumps(meta))
     out = {}
     for name, n in (("train", n_train), ("test", n_test)):
         x = np.stack([cifar_image(i, rng) for i in range(n)])
@@ -154,11 +207,11 @@ def write_cifar100(root: Path, n_train: int = 6, n_test: int = 3, seed: int = 1)
         d = {
             b"filenames": [f"{name}_{i}.png".encode() for i in range(n)],
             b"batch_label": f"{name}ing batch 1 of 1".encode(),
-            b"fine_labels": y,
-            b"coarse_labels": [v // 5 for v in y],
+            b"fine_labels": labels(y),
+            b"coarse_labels": labels([v // 5 for v in y]),
             b"data": _rows(x),
         }
-        (folder / name).write_bytes(py2_pickle(d))
+        (folder / name).write_bytes(dumps(d))
         out[name] = (x, np.array(y))
     return FakeCifar(folder, *out["train"], *out["test"], fine)
 

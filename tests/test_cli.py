@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import types
 
-import numpy as np
 import pytest
 import torch
 
 import ntksap
-from ntksap.cli import digits_batch, main, synthetic_batch
+from ntksap.cli import main
 from ntksap.masks import Masks
 from ntksap.models import list_models
 from ntksap.scoring import get_method, list_methods
@@ -51,12 +49,24 @@ def test_prune_data_free_saves_loadable_masks(method, tmp_path, capsys) -> None:
 @pytest.mark.parametrize("method", NEEDS_DATA)
 def test_prune_data_methods_with_synthetic_data(method, tmp_path, capsys) -> None:
     out_file = tmp_path / "m.pt"
-    argv = [*LENET, "--method", method, "--density", "0.2", "--rounds", "2", "--data", "synthetic"]
-    code, _, err = run([*argv, "--out", str(out_file)], capsys)
+    argv = [*LENET, "--method", method, "--density", "0.2", "--rounds", "2"]
+    code, _, err = run([*argv, "--dataset", "synthetic", "--out", str(out_file)], capsys)
     assert code == 0, err
     masks = Masks.load(out_file)
     assert masks.num_kept == round(0.2 * N_LENET)
-    assert masks.metadata["data"] == "synthetic"
+    assert masks.metadata["dataset"] == "synthetic"
+
+
+def test_prune_data_methods_read_the_real_data_set(tmp_path, capsys) -> None:
+    """--dataset digits: the 8x8 digits feed SNIP and set the input shape (before: only
+    random Gaussian images existed for `prune`)."""
+    out_file = tmp_path / "m.safetensors"
+    argv = ["prune", "--model", "lenet5", "--method", "snip", "--density", "0.2"]
+    code, out, err = run([*argv, "--dataset", "digits", "--out", str(out_file)], capsys)
+    assert code == 0, err
+    assert "input 1x8x8" in out and "data: digits" in out
+    masks = Masks.load(out_file)
+    assert masks.metadata["dataset"] == "digits" and masks.metadata["input_shape"] == [1, 8, 8]
 
 
 def test_compression_equals_density(tmp_path, capsys) -> None:
@@ -117,24 +127,20 @@ def test_same_seed_same_masks_and_global_rng_untouched(tmp_path, capsys) -> None
                 "0.1",
                 "--sparsity",
                 "0.9",
-                "--data",
+                "--dataset",
                 "synthetic",
             ],
-            [
-                "--epsilon is not an option of method 'snip'",
-                "valid options: none",
-                "ntksap: --epsilon",
-            ],
+            ["--epsilon is not an option of method 'snip'", "its options: none"],
         ),
         ([*LENET, "--sparsity", "1.5"], ["sparsity must be in [0, 1)"]),
         ([*LENET, "--density", "0"], ["density must be in (0, 1]"]),
-        ([*LENET, "--compression", "-1"], ["--compression must be a number >= 0"]),
+        ([*LENET, "--compression", "-1"], ["--compression", "must be a number >= 0"]),
         (
             [*LENET, "--method", "snip", "--sparsity", "0.9"],
-            ["needs data", "--data synthetic", ", ".join(DATA_FREE)],
+            ["needs data", "--dataset NAME", ", ".join(DATA_FREE)],
         ),
-        ([*LENET, "--sparsity", "0.9", "--resamples", "0"], ["resamples must be an integer >= 1"]),
-        ([*LENET, "--sparsity", "0.9", "--rounds", "0"], ["rounds must be an integer >= 1"]),
+        ([*LENET, "--sparsity", "0.9", "--resamples", "0"], ["must be an integer >= 1"]),
+        ([*LENET, "--sparsity", "0.9", "--rounds", "0"], ["must be an integer >= 1"]),
         ([*LENET, "--sparsity", "0.9", "--exclude", "no*"], ["matches no parameter", "fc1.weight"]),
         ([*LENET, "--sparsity", "0.9", "--out", "m.npz"], [".safetensors, .pt, .pth"]),
         ([*LENET, "--sparsity", "0.9", "--in-channels", "3"], ["--in-channels 3 differs"]),
@@ -150,11 +156,16 @@ def test_user_errors_exit_2_with_a_message(argv, expected, capsys) -> None:
         assert err.startswith("ntksap: error: ") and err.count("\n") == 1
 
 
-def test_runtime_failure_exits_1_without_traceback(capsys) -> None:
-    """A model that rejects the input shape: exit 1, one line, a hint at --debug."""
-    argv = ["prune", "--model", "lenet5", "--input-shape", "1,28", "--method", "ntksap"]
-    code, _, err = run([*argv, "--sparsity", "0.5"], capsys)
-    assert code == 1 and err.startswith("ntksap: error: ") and "--debug" in err
+def test_runtime_failure_exits_1_without_traceback(capsys, monkeypatch) -> None:
+    """A failure while running: exit 1, one line, a hint at --debug."""
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory somewhere\nsecond line")
+
+    monkeypatch.setattr("ntksap.cli.prune.prune_quietly", broken)
+    code, _, err = run([*LENET, "--method", "ntksap", "--sparsity", "0.5"], capsys)
+    assert code == 1 and err.startswith("ntksap: error: out of memory somewhere (run with")
+    assert "--debug" in err and "second line" not in err
 
 
 def test_no_command_is_an_error(capsys) -> None:
@@ -184,12 +195,11 @@ def test_python_dash_m_version() -> None:
 
 
 def test_demo_runs_every_method(tmp_path, capsys, monkeypatch) -> None:
-    """The one demo run (the only slow test here): synthetic fallback, masks in --out-dir."""
+    """The one demo run (the only slow test here): real digits, masks in --out-dir."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setitem(sys.modules, "sklearn", None)  # force the fallback, sklearn or not
     code, out, err = run(["demo", "--no-progress", "--out-dir", "masks"], capsys)
     assert code == 0, err
-    assert "scikit-learn is not installed" in out and "input 1x28x28" in out
+    assert "scikit-learn's digits" in out and "input 1x8x8" in out
     summary = out[out.index("summary:") :].splitlines()
     assert summary[1].split()[:3] == ["method", "seconds", "density"]
     assert [line.split()[0] for line in summary[2:]] == list_methods()
@@ -198,30 +208,7 @@ def test_demo_runs_every_method(tmp_path, capsys, monkeypatch) -> None:
     files = sorted(p.name for p in (tmp_path / "masks").iterdir())
     assert files == [f"lenet5-{m}-sparsity0.9.safetensors" for m in list_methods()]
     for f in files:
-        assert Masks.load(tmp_path / "masks" / f).num_kept == round(0.1 * N_LENET)
-
-
-def test_digits_batch_is_class_balanced(monkeypatch) -> None:
-    """sklearn is optional: a stand-in `sklearn.datasets` with digit-shaped arrays."""
-    rng = np.random.default_rng(0)
-    datasets = types.ModuleType("sklearn.datasets")
-    datasets.load_digits = lambda: types.SimpleNamespace(  # type: ignore[attr-defined]
-        images=rng.integers(0, 17, size=(200, 8, 8)).astype(np.float64),
-        target=np.arange(200) % 10,
-    )
-    monkeypatch.setitem(sys.modules, "sklearn", types.ModuleType("sklearn"))
-    monkeypatch.setitem(sys.modules, "sklearn.datasets", datasets)
-    [(x, y)] = digits_batch()
-    assert x.shape == (100, 1, 8, 8) and x.dtype == torch.float32
-    assert torch.equal(torch.bincount(y), torch.full((10,), 10))
-    assert abs(float(x.mean())) < 1e-5 and abs(float(x.std()) - 1) < 1e-5
-    monkeypatch.setitem(sys.modules, "sklearn", None)
-    monkeypatch.delitem(sys.modules, "sklearn.datasets")
-    assert digits_batch() is None
-
-
-def test_synthetic_batch() -> None:
-    [(x, y)] = synthetic_batch(4, (1, 8, 8), seed=1)
-    assert x.shape == (40, 1, 8, 8)
-    assert y.tolist() == list(range(4)) * 10
-    assert torch.equal(x, synthetic_batch(4, (1, 8, 8), seed=1)[0][0])
+        masks = Masks.load(tmp_path / "masks" / f)
+        assert masks.num_kept == round(0.1 * masks.num_total)
+    code, _, err = run(["demo", "--no-progress", "--out-dir", "masks"], capsys)
+    assert code == 2 and "already exists; pass --overwrite" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -123,11 +124,15 @@ def test_save_keeps_the_old_file_if_writing_fails(tmp_path, monkeypatch):
     old = Masks({"w": torch.ones(3, dtype=torch.bool)})
     old.save(path)
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    real_open = open
 
-    monkeypatch.setattr("safetensors.torch.save_file", boom)
-    with pytest.raises(OSError, match="disk full"):
+    def failing_open(file, mode="r", *a, **k):  # the write of the temporary file fails
+        if "w" in mode and str(file).endswith(f".tmp{os.getpid()}"):
+            raise OSError(28, "No space left on device")
+        return real_open(file, mode, *a, **k)
+
+    monkeypatch.setattr("builtins.open", failing_open)
+    with pytest.raises(OSError, match="no space left on device while writing"):
         Masks({"w": torch.zeros(3, dtype=torch.bool)}).save(path)
     assert Masks.load(path) == old
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]

@@ -8,6 +8,7 @@ Three lines prune any PyTorch model:
     >>> net = ntksap.apply_masks(net, masks)   # effective weight = w * m, via parametrize
 """
 
+from ntksap._version import __version__
 from ntksap.attach import apply_masks, export_to_torch_prune, get_masks, remove_masks
 from ntksap.masks import MaskError, Masks
 from ntksap.pruning import (
@@ -24,7 +25,16 @@ from ntksap.reinit import reinitialize
 from ntksap.scoring import get_method, list_methods, register_method
 from ntksap.targets import prunable_parameters
 
-__version__ = "0.1.0"
+
+def __getattr__(name: str):
+    # `ntksap.run` (prune + train into a run folder) is imported on first use: it pulls in
+    # the data and training modules, which pruning alone does not need.
+    if name == "run":
+        from ntksap.runs import run
+
+        return run
+    raise AttributeError(f"module 'ntksap' has no attribute {name!r}")
+
 
 __all__ = [
     "LayerCollapseWarning",
@@ -44,6 +54,7 @@ __all__ = [
     "reinitialize",
     "remove_masks",
     "resolve_density",
+    "run",
     "schedule_densities",
     "select",
     "shuffle_masks",

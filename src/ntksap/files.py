@@ -4,8 +4,9 @@ Every file ntksap writes goes to a temporary file in the same folder (`.NAME.tmp
 then `os.replace`s the target, so a crash mid-write never leaves a half-written file and the
 previous version survives. A killed writer leaves only its temporary file behind, which
 `remove_stale_temporaries` deletes (run folders call it when they are claimed). A full disk
-is reported as `DiskFullError` ("no space left on device ... writing PATH"), whatever layer
-noticed it (torch.save reports it as a RuntimeError from its C++ writer).
+is reported as `DiskFullError` ("no space left on device while writing PATH"): content is
+serialised in memory and written by Python, so the error always carries its errno (torch's
+own C++ writer would report it as an unrelated-looking RuntimeError).
 
 Example:
     >>> import tempfile, pathlib
@@ -19,11 +20,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import json
 import os
 import re
-import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,37 +41,33 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
-def _looks_like_disk_full(exc: BaseException, folder: Path) -> bool:
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return True
-    text = str(exc).lower()
-    if "no space left" in text or "file write failed" in text or "disk quota" in text:
-        return True
-    try:  # a writer that hides errno (torch's C++ stream writer): look at the disk itself
-        return shutil.disk_usage(folder).free < 1 << 20
-    except OSError:
-        return False
+def atomic_write(path: str | os.PathLike[str], content: bytes | str) -> Path:
+    """Write `content` to a temporary file, flush it to the disk, then move it to `path`.
 
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
-    """Call `write(tmp)` to fill a temporary file, then atomically move it to `path`.
+    Callers serialise in memory first (torch.save / safetensors / savefig into bytes), so
+    the only disk writes are Python's, whose errors carry errno: a full disk is always
+    recognised, whatever library produced the bytes.
 
     Raises:
         DiskFullError: the disk filled up (`path`, if it existed, is unchanged).
         PermissionError: the folder is not writable.
     """
     path = Path(path)
+    data = content.encode() if isinstance(content, str) else content
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(path)
     try:
-        write(tmp)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
-    except Exception as exc:
-        if not isinstance(exc, PermissionError) and _looks_like_disk_full(exc, path.parent):
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise DiskFullError(
                 errno.ENOSPC,
-                f"no space left on device while writing {path} (nothing was changed there; "
-                "free some space and run again, or pass --resume to continue a run)",
+                f"no space left on device while writing {path} ({len(data):,} bytes; nothing "
+                "was changed there): free some space and run again (--resume continues a run)",
             ) from exc
         raise
     finally:
@@ -80,9 +76,18 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> 
     return path
 
 
+def torch_bytes(obj: Any) -> bytes:
+    """`torch.save(obj)` into memory (for `atomic_write`)."""
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
     """Write `text` atomically."""
-    return atomic_write(path, lambda t: t.write_text(text))
+    return atomic_write(path, text)
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> Path:

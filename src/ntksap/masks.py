@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntksap.files import atomic_write
+from ntksap.files import atomic_write, torch_bytes
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -32,6 +32,71 @@ TORCH_SUFFIXES = (".pt", ".pth")
 
 class MaskError(ValueError):
     """A mask does not fit a model, or a mask file is malformed."""
+
+
+#: Types of the metadata entries ntksap reads back (others are free-form).
+_METADATA_TYPES: dict[str, tuple[type, ...]] = {
+    "method": (str,),
+    "model": (str,),
+    "density": (int, float),
+    "sparsity": (int, float),
+    "seed": (int,),
+    "rounds": (int,),
+    "targets": (dict,),
+    "options": (dict,),
+    "input_shape": (list, type(None)),
+}
+
+
+def check_metadata(metadata: Any, where: str = "masks") -> None:
+    """Raise MaskError unless `metadata` is a JSON object whose known entries have their types."""
+    if not isinstance(metadata, dict):
+        raise MaskError(
+            f"{where}: mask metadata must be a JSON object, got {type(metadata).__name__}"
+        )
+    for key, types in _METADATA_TYPES.items():
+        v = metadata.get(key)
+        if v is not None and (not isinstance(v, types) or isinstance(v, bool)):
+            want = " or ".join(t.__name__ for t in types if t is not type(None))
+            raise MaskError(
+                f"{where}: mask metadata {key!r} must be {want}, got {type(v).__name__} {v!r}"
+            )
+    targets = metadata.get("targets")
+    if targets is not None:
+        ok = isinstance(targets.get("include_bias", False), bool) and all(
+            isinstance(targets.get(k, []), list)
+            and all(isinstance(p, str) for p in targets.get(k, []))
+            for k in ("exclude", "include")
+        )
+        if not ok:
+            raise MaskError(
+                f"{where}: mask metadata 'targets' must be {{'include_bias': bool, 'exclude': "
+                f"[patterns], 'include': [patterns]}}, got {targets!r}"
+            )
+
+
+def model_density(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> float:
+    """The real fraction of `model`'s prunable weights that `masks` keep.
+
+    The prunable set is the model's default one plus every masked tensor; a prunable tensor
+    without a mask counts as dense (so partial masks do not overstate the sparsity).
+
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(2, 2, bias=False), nn.Linear(2, 2, bias=False))
+    >>> model_density(net, {"0.weight": torch.zeros(2, 2, dtype=torch.bool)})
+    0.5
+    """
+    from ntksap.targets import named_parameters_canonical, prunable_parameters
+
+    params = named_parameters_canonical(model)
+    try:
+        names = set(prunable_parameters(model))
+    except ValueError:  # no Conv/Linear at all: only the masked tensors
+        names = set()
+    names |= set(masks)
+    total = sum(params[n].numel() for n in names)
+    kept = sum(int(masks[n].sum()) if n in masks else params[n].numel() for n in names)
+    return kept / total if total else 1.0
 
 
 class Masks(Mapping[str, torch.Tensor]):
@@ -59,6 +124,8 @@ class Masks(Mapping[str, torch.Tensor]):
                 else:
                     raise MaskError(f"mask {name!r} has unsupported dtype {m.dtype}")
             self._masks[name] = m.detach()
+        if metadata is not None:
+            check_metadata(metadata)
         self.metadata: dict[str, Any] = dict(metadata or {})
 
     # Mapping protocol -------------------------------------------------------------------
@@ -123,6 +190,43 @@ class Masks(Mapping[str, torch.Tensor]):
         return Masks({k: m.to(device) for k, m in self._masks.items()}, self.metadata)
 
     # Checks against a model ---------------------------------------------------------------
+    def targets(self) -> dict[str, Any]:
+        """The prunable-set settings the masks were made with (metadata "targets"; the
+        defaults when absent): keywords of `ntksap.prunable_parameters`."""
+        t = self.metadata.get("targets") or {}
+        return {
+            "include_bias": bool(t.get("include_bias", False)),
+            "exclude": list(t.get("exclude", [])),
+            "include": list(t.get("include", [])),
+        }
+
+    def check_covers(self, model: nn.Module) -> None:
+        """Raise MaskError unless the masks fit `model` (names, shapes) and cover its whole
+        prunable set (as selected by the settings in `targets()`).
+
+        A mask that covers only part of the model (e.g. ResNet-20's masks on a ResNet-32)
+        would train the uncovered layers dense and misreport the density.
+        """
+        from ntksap.targets import prunable_parameters
+
+        self.check_model(model)
+        try:
+            expected = prunable_parameters(model, **self.targets())
+        except ValueError as exc:
+            raise MaskError(
+                f"the masks' prunable-set settings do not fit the model: {exc}"
+            ) from None
+        uncovered = [n for n in expected if n not in self._masks]
+        if uncovered:
+            made_for = self.metadata.get("model")
+            hint = f" (they were made for model {made_for!r})" if made_for else ""
+            raise MaskError(
+                f"the masks cover {len(expected) - len(uncovered)} of the model's "
+                f"{len(expected)} prunable tensors{hint}; not covered: "
+                f"{', '.join(uncovered[:6])}{' ...' if len(uncovered) > 6 else ''}. Prune "
+                "this model (ntksap prune/run), or use masks made for it"
+            )
+
     def check_model(self, model: nn.Module) -> None:
         """Raise MaskError unless every mask names a parameter of `model` with the same shape."""
         from ntksap.targets import named_parameters_canonical
@@ -131,8 +235,10 @@ class Masks(Mapping[str, torch.Tensor]):
         missing = [k for k in self._masks if k not in params]
         if missing:
             shown = ", ".join(sorted(params)[:12]) + (" ..." if len(params) > 12 else "")
+            made_for = self.metadata.get("model")
             raise MaskError(
-                f"the masks name parameters the model does not have: {missing[:5]}"
+                (f"the masks were made for model {made_for!r}; " if made_for else "")
+                + f"they name parameters the model does not have: {missing[:5]}"
                 f"{' ...' if len(missing) > 5 else ''}; the model's parameters are: {shown}"
             )
         bad = [
@@ -155,20 +261,17 @@ class Masks(Mapping[str, torch.Tensor]):
         tensors = {k: m.detach().cpu().contiguous() for k, m in self._masks.items()}
         meta = {"format": "ntksap.masks/1", "metadata": json.dumps(self.metadata, default=str)}
         if suffix in SAFETENSORS_SUFFIXES:
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
-            def write(tmp: Path) -> None:
-                save_file(tensors, str(tmp), metadata=meta)
+            content = save(tensors, metadata=meta)
         elif suffix in TORCH_SUFFIXES:
-
-            def write(tmp: Path) -> None:
-                torch.save({"masks": tensors, **meta}, tmp)
+            content = torch_bytes({"masks": tensors, **meta})
         else:
             raise MaskError(
                 f"unknown mask file suffix {suffix!r} for {path}; "
                 f"use one of {', '.join(SAFETENSORS_SUFFIXES + TORCH_SUFFIXES)}"
             )
-        atomic_write(path, write)
+        atomic_write(path, content)
         return path
 
     @classmethod
@@ -199,10 +302,12 @@ class Masks(Mapping[str, torch.Tensor]):
             raise
         except Exception as exc:  # corrupt file: say which file, keep the cause
             raise MaskError(f"cannot read mask file {path}: {exc}") from exc
+        raw = meta.get("metadata", "{}")
         try:
-            metadata = json.loads(meta.get("metadata", "{}"))
+            metadata = json.loads(raw) if isinstance(raw, str) else raw
         except json.JSONDecodeError as exc:
             raise MaskError(f"{path}: mask metadata is not valid JSON: {exc}") from exc
+        check_metadata(metadata, str(path))
         return cls(tensors, metadata)
 
     @classmethod

@@ -6,7 +6,14 @@
         d_t = d ** (t / T)                            # or linear: 1 - (1 - d) * t / T
         m = keep exactly round(d_t * N) largest S     # global, or per tensor ("local")
 
-Ties are broken by flat index (a stable sort), so the kept count is exact every round.
+Exact ties at the cut are drawn at random (seeded by `seed`), so the kept count is exact
+every round and no layer is systematically favoured; `select` without a generator breaks them
+by flat index instead.
+
+The model is never touched: everything runs on a private deep copy. Models in float16 or
+bfloat16 are scored on a float32 copy, on any device: half-precision kernels are partly
+missing on the CPU, and scores built from small differences (NTK-SAP's finite difference) or
+long products (SynFlow) lose their meaning in 8-11 bit mantissas.
 
 Example:
     >>> import torch
@@ -21,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import time
 import warnings
@@ -32,20 +40,27 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from ntksap import validate
 from ntksap.attach import private_copy
 from ntksap.masks import Masks
+from ntksap.models.base import MODEL_ATTRIBUTE
 from ntksap.scoring import Method, ScoreContext, get_method, list_methods
+from ntksap.scoring.base import as_logits
 from ntksap.targets import prunable_parameters
 
 SCHEDULES = ("exponential", "linear")
+SCOPES = ("global", "local")
+
+#: Dtypes a model may have but is never scored in (see the module docstring).
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+#: Inputs in the one forward pass that checks the input shape before any scoring.
+SHAPE_CHECK_BATCH = 2
 
 
 class LayerCollapseWarning(UserWarning):
     """A prunable tensor was pruned to nothing (on a layer without a bypass, the network
     can no longer pass signal: its output no longer depends on the input)."""
-
-
-SCOPES = ("global", "local")
 
 
 # ---------------------------------------------------------------------------------------
@@ -221,8 +236,12 @@ class _Snapshot:
 
 def _input_shape(input_shape: Sequence[int] | None, data: list | None) -> tuple[int, ...] | None:
     if input_shape is not None:
-        if isinstance(input_shape, int | str) or not all(
-            isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape
+        if (
+            not isinstance(input_shape, Sequence)
+            or isinstance(input_shape, str)
+            or not all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in input_shape
+            )
         ):
             raise ValueError(
                 f"input_shape must be a sequence of positive ints without the batch "
@@ -239,21 +258,209 @@ def _input_shape(input_shape: Sequence[int] | None, data: list | None) -> tuple[
     return None
 
 
-def _materialise(data: Iterable | None, device: torch.device) -> list | None:
-    """The data as a list of (inputs, targets) on `device` (iterative methods re-read it)."""
+def _materialise(data: Iterable | None, device: torch.device, dtype: torch.dtype) -> list | None:
+    """The data as a list of (inputs, targets) on `device` (iterative methods re-read it).
+
+    Floating inputs and targets are cast to the compute `dtype`; integer ones (class labels,
+    token ids) are kept. Every batch is checked here, before any forward pass.
+    """
     if data is None:
         return None
-    if isinstance(data, torch.Tensor):
-        raise TypeError("data must be an iterable of (inputs, targets) batches, not a tensor")
+    if isinstance(data, torch.Tensor) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be an iterable of (inputs, targets) batches, not {type(data).__name__}"
+        )
     batches = []
     for i, batch in enumerate(data):
         if not isinstance(batch, list | tuple) or len(batch) < 2:
             raise TypeError(f"data batch {i} must be an (inputs, targets) pair, got {type(batch)}")
         x, y = batch[0], batch[1]
-        batches.append((x.to(device), y.to(device)))
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            raise TypeError(
+                f"data batch {i} must hold tensors, got ({type(x).__name__}, {type(y).__name__})"
+            )
+        if x.dim() < 1 or y.dim() < 1 or x.shape[0] != y.shape[0] or x.shape[0] == 0:
+            raise ValueError(
+                f"data batch {i}: inputs {tuple(x.shape)} and targets {tuple(y.shape)} must "
+                "have the same, non-zero batch size (first dimension)"
+            )
+        if batches and x.shape[1:] != batches[0][0].shape[1:]:
+            raise ValueError(
+                f"data batch {i} has inputs of shape {tuple(x.shape[1:])}, batch 0 has "
+                f"{tuple(batches[0][0].shape[1:])}: every input must have the same shape"
+            )
+        batches.append((_cast(x, device, dtype), _cast(y, device, dtype)))
     if not batches:
         raise ValueError("data is empty: give at least one (inputs, targets) batch")
     return batches
+
+
+def _cast(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def _device(device: str | torch.device | None, default: torch.device) -> torch.device:
+    if device is None:
+        return default
+    try:
+        dev = torch.device(device)
+        torch.empty(0, device=dev)  # an unavailable device (no CUDA build, no GPU) fails here
+    except (RuntimeError, TypeError, AssertionError) as exc:
+        raise ValueError(
+            f"device must be an available device, e.g. 'cpu' or 'cuda:0'; got {device!r} ({exc})"
+        ) from None
+    return dev
+
+
+def _dtype_name(dtypes: Iterable[torch.dtype]) -> str:
+    """'float32', or e.g. 'bfloat16+float32' for a mix."""
+    return "+".join(sorted({str(d).removeprefix("torch.") for d in dtypes}))
+
+
+def _compute_dtype(
+    model: nn.Module, targets: Mapping[str, nn.Parameter]
+) -> tuple[torch.dtype, bool]:
+    """The dtype the private copy computes in, and whether the copy must be converted to it.
+
+    float32/float64 models compute in their own dtype, unconverted. A model with any
+    float16/bfloat16 tensor is converted to float32 (float64 if it also holds float64
+    tensors): CPU kernels for half precision are partly missing, and scores built from small
+    differences or long products (NTK-SAP's finite difference, SynFlow) lose all meaning in
+    8-11 bit mantissas.
+    """
+    found = {t.dtype for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()}
+    if found & set(LOW_PRECISION):
+        return (torch.float64 if torch.float64 in found else torch.float32), True
+    first = next(iter(targets.values()))
+    return (first.dtype if first.is_floating_point() else torch.float32), False
+
+
+def _one_input_check(model: nn.Module) -> None:
+    """TypeError unless `model.forward` can be called with one tensor (what prune feeds)."""
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # builtins and odd callables: let the forward tell
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    required = [
+        p.name
+        for p in sig.parameters.values()
+        if p.default is p.empty
+        and (p.kind in positional or p.kind is inspect.Parameter.KEYWORD_ONLY)
+    ]
+    if len(required) > 1:
+        raise TypeError(
+            "prune feeds the model one tensor x of shape (batch, *input_shape), as model(x); "
+            f"its forward requires {len(required)} inputs ({', '.join(required)}). Wrap the "
+            "model in a module whose forward(x) takes one tensor (fixing or deriving the "
+            "other inputs), and prune the wrapper"
+        )
+
+
+def _first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The first Conv or Linear in module order (lazy ones, not yet sized, excluded)."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params():
+            return None
+        if isinstance(m, nn.modules.conv._ConvNd | nn.Linear):
+            return name, m
+    return None
+
+
+def _expected_input(model: nn.Module, shape: tuple[int, ...]) -> tuple[str, bool] | None:
+    """(what the first layer expects, whether `shape` fits it), or None when unknown."""
+    found = _first_layer(model)
+    if found is None:
+        return None
+    name, m = found
+    if isinstance(m, nn.Linear):
+        text = (
+            f"its first layer {name!r} (Linear, in_features {m.in_features}) expects "
+            f"{m.in_features} features per input (after flattening)"
+        )
+        return text, shape[-1] == m.in_features or math.prod(shape) == m.in_features
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    spatial = {1: "L", 2: "H, W", 3: "D, H, W"}.get(len(m.kernel_size), "...")
+    text = (
+        f"its first layer {name!r} ({type(m).__name__}, in_channels {m.in_channels}) "
+        f"expects ({m.in_channels}, {spatial}) inputs"
+    )
+    return text, len(shape) == len(m.kernel_size) + 1 and shape[0] == m.in_channels
+
+
+def _check_shape_and_output(
+    work: nn.Module,
+    shape: tuple[int, ...],
+    x_dtype: torch.dtype,
+    device: torch.device,
+    output_fn: Callable[[Any], Any] | None,
+    source: str,
+) -> int:
+    """One no-grad eval-mode forward of zeros through the private copy; its output width.
+
+    Turns a shape mismatch deep inside the model into a ValueError naming `shape` and what
+    the first layer expects, and checks the output is (or `output_fn` makes it) one tensor
+    (batch, ...). Eval mode leaves BatchNorm statistics alone; the modes are restored.
+    """
+    modes = {m: m.training for m in work.modules()}
+    x = torch.zeros((SHAPE_CHECK_BATCH, *shape), dtype=x_dtype, device=device)
+    work.eval()
+    try:
+        with torch.no_grad():
+            out = work(x)
+    except torch.cuda.OutOfMemoryError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        expected = _expected_input(work, shape)
+        if expected is not None and not expected[1]:
+            head = f"{source} {shape} does not fit the model: {expected[0]}"
+        else:
+            fits = f" ({expected[0]}, which {source} matches)" if expected else ""
+            head = f"the model cannot run on {source} {shape}{fits}"
+        raise ValueError(
+            f"{head}. One forward of zeros of shape {tuple(x.shape)} failed with "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    except TypeError as exc:
+        raise TypeError(
+            f"prune feeds the model one tensor x of shape (batch, *input_shape), as model(x); "
+            f"model(x) with x of shape {tuple(x.shape)} failed with TypeError: {exc}. If the "
+            "forward takes more inputs, wrap the model in a module whose forward(x) takes one"
+        ) from exc
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    logits = as_logits(out, output_fn)
+    if logits.dim() < 1 or logits.shape[0] != SHAPE_CHECK_BATCH:
+        raise ValueError(
+            "the model's logits must be (batch, outputs) with the batch first; for "
+            f"{SHAPE_CHECK_BATCH} inputs it returned shape {tuple(logits.shape)}"
+        )
+    if not logits.is_floating_point():
+        raise TypeError(f"the model's logits must be floating point, got {logits.dtype}")
+    return logits[0].numel()
+
+
+def _jsonable(obj: Any) -> Any:
+    """`obj` with tuples as lists and anything JSON cannot hold (or non-finite) as str."""
+    if isinstance(obj, Mapping):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return str(obj)
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    return str(obj)
+
+
+def _model_facts(model: nn.Module) -> tuple[str, dict[str, Any] | None]:
+    """(name, constructor arguments): the zoo name and arguments recorded by
+    `ntksap.models.create`, or the class name and None for any other model."""
+    info = getattr(model, MODEL_ATTRIBUTE, None)
+    if isinstance(info, Mapping) and isinstance(info.get("name"), str):
+        return info["name"], _jsonable({k: v for k, v in info.items() if k != "name"})
+    return type(model).__name__, None
 
 
 @dataclass
@@ -267,6 +474,11 @@ class _Setup:
     device: torch.device
     data: list | None
     input_shape: tuple[int, ...] | None
+    compute_dtype: torch.dtype
+    output_fn: Callable[[Any], Any] | None
+    output_width: int | None
+    snapshot: _Snapshot
+    metadata: dict[str, Any]  # facts about the model and the prunable set, for the masks
 
 
 def _setup(
@@ -280,29 +492,33 @@ def _setup(
     exclude: Sequence[str],
     include: Sequence[str],
     options: dict[str, Any],
+    output_fn: Callable[[Any], Any] | None,
     check: Callable[[dict[str, nn.Parameter]], None] | None = None,
 ) -> _Setup:
-    """Validate everything (before any work), then deep-copy the model to score on."""
+    """Validate everything, deep-copy the model, then check the input shape with one forward
+    of the copy (the only forward before scoring, and only after every other check)."""
     meth = get_method(method)
-    unknown = sorted(set(options) - set(meth.options))
-    if unknown:
-        valid = ", ".join(meth.options) or "none"
-        raise TypeError(f"unknown option(s) {unknown} for method {meth.name!r}; valid: {valid}")
-    opts = {**meth.options, **options}
-    if meth.validate is not None:
-        meth.validate(opts)
+    opts = meth.resolve_options(options)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    validate.boolean("include_bias", include_bias)
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn must be a function of the model's output, got {output_fn!r}")
     if meth.needs_data and data is None:
         free = [n for n in list_methods() if not get_method(n).needs_data]
         raise ValueError(
             f"method {meth.name!r} needs data=[(inputs, targets), ...]; "
             f"the data-free methods are: {', '.join(free)}"
         )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     targets = prunable_parameters(
         model, include_bias=include_bias, exclude=exclude, include=include
     )
-    for name in targets:
+    for name, p in targets.items():
+        if isinstance(p, nn.parameter.UninitializedParameter):
+            raise ValueError(
+                f"{name} is an uninitialised lazy parameter: run one forward pass of the model "
+                "on a real input first, so lazy layers know their sizes"
+            )
         mod_name, _, attr = name.rpartition(".")
         owner = model.get_submodule(mod_name) if mod_name else model
         if parametrize.is_parametrized(owner, attr):
@@ -313,21 +529,58 @@ def _setup(
     if check is not None:
         check(targets)
     first = next(iter(targets.values()))
-    dev = torch.device(device) if device is not None else first.device
-    batches = _materialise(data, dev)
+    dev = _device(device, first.device)
+    compute, convert = _compute_dtype(model, targets)
+    batches = _materialise(data, dev, compute)
     shape = _input_shape(input_shape, batches)
     if meth.needs_input_shape and shape is None:
         raise ValueError(
             f"method {meth.name!r} needs input_shape=(C, H, W) (one input, no batch "
             "dimension), or data to read it from"
         )
-    # Work on a private copy: the user's model is never touched.
+    if shape is not None:
+        _one_input_check(model)
+    name, model_args = _model_facts(model)
+    metadata = {
+        "model": name,
+        "model_args": model_args,
+        "targets": {
+            "include_bias": include_bias,
+            "exclude": list(exclude),
+            "include": list(include),
+        },
+        "num_total": sum(p.numel() for p in targets.values()),
+        "dtype": _dtype_name(p.dtype for p in targets.values()),
+        "compute_dtype": _dtype_name([compute]),
+        "output_fn": output_fn is not None,
+    }
+
+    # Work on a private copy: the user's model is never touched (nor converted).
     work = private_copy(model)
-    work = work.to(dev)
+    work = work.to(dev, compute) if convert else work.to(dev)
     work_params = dict(work.named_parameters())
     for p in work.parameters():
         p.requires_grad_(False)  # scorers differentiate w.r.t. masks or weight copies only
-    return _Setup(meth, opts, work, {n: work_params[n] for n in targets}, dev, batches, shape)
+    snapshot = _Snapshot(work)  # taken before the shape check, restored after every round
+    width = None
+    if shape is not None:
+        source = "input_shape" if input_shape is not None else "the data's input shape"
+        x_dtype = batches[0][0].dtype if batches else compute
+        width = _check_shape_and_output(work, shape, x_dtype, dev, output_fn, source)
+    return _Setup(
+        method=meth,
+        options=opts,
+        work=work,
+        params={n: work_params[n] for n in targets},
+        device=dev,
+        data=batches,
+        input_shape=shape,
+        compute_dtype=compute,
+        output_fn=output_fn,
+        output_width=width,
+        snapshot=snapshot,
+        metadata=metadata,
+    )
 
 
 def _context(st: _Setup, masks: dict[str, torch.Tensor], t: int, rounds: int) -> ScoreContext:
@@ -341,6 +594,9 @@ def _context(st: _Setup, masks: dict[str, torch.Tensor], t: int, rounds: int) ->
         round=t,
         rounds=rounds,
         options=st.options,
+        dtype=st.compute_dtype,
+        output_fn=st.output_fn,
+        output_width=st.output_width,
     )
 
 
@@ -351,6 +607,33 @@ def _seeded(st: _Setup, seed: int) -> contextlib.AbstractContextManager:
     stack.enter_context(torch.random.fork_rng(devices=cuda))
     torch.manual_seed(seed)
     return stack
+
+
+def _check_masks(
+    masks: Mapping[str, torch.Tensor] | None,
+) -> Callable[[dict[str, nn.Parameter]], None]:
+    """A `_setup` check: `masks` (if given) name exactly the prunable tensors, same shapes."""
+
+    def check(targets: dict[str, nn.Parameter]) -> None:
+        if masks is None:
+            return
+        if not isinstance(masks, Mapping):
+            raise TypeError(f"masks must map parameter names to bool tensors, got {masks!r}")
+        given = masks if isinstance(masks, Masks) else Masks(masks)
+        if set(given) != set(targets):
+            raise ValueError(
+                f"masks must cover exactly the prunable parameters {sorted(targets)}, "
+                f"got {sorted(given)}"
+            )
+        bad = [
+            f"{n}: mask {tuple(given[n].shape)} vs parameter {tuple(p.shape)}"
+            for n, p in targets.items()
+            if given[n].shape != p.shape
+        ]
+        if bad:
+            raise ValueError("mask shapes do not match the model: " + "; ".join(bad))
+
+    return check
 
 
 def compute_scores(
@@ -365,17 +648,23 @@ def compute_scores(
     exclude: Sequence[str] = (),
     include: Sequence[str] = (),
     device: str | torch.device | None = None,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """One round of `method`'s raw scores (higher = keep) at `masks` (default: dense).
 
     Scores are separate from masks: use this to inspect, combine or plot them. The model is
     left untouched. Arguments as `prune`; entries where `masks` is False are not meaningful
-    (`prune` sets them to -inf).
+    (`prune` sets them to -inf). Scores are on the CPU, in the compute dtype (float32 for
+    float16/bfloat16 models; random scores are always float32).
 
     Example:
-        >>> s = compute_scores(net, "magnitude")  # doctest: +SKIP
+        >>> from torch import nn
+        >>> net = nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+        >>> {n: tuple(s.shape) for n, s in compute_scores(net, "magnitude").items()}
+        {'0.weight': (3, 4), '2.weight': (2, 3)}
     """
+    seed = validate.seed(seed)
     st = _setup(
         model,
         method,
@@ -386,16 +675,13 @@ def compute_scores(
         exclude=exclude,
         include=include,
         options=options,
+        output_fn=output_fn,
+        check=_check_masks(masks),
     )
     if masks is None:
         cur = {n: torch.ones_like(p, dtype=torch.bool) for n, p in st.params.items()}
     else:
         given = masks if isinstance(masks, Masks) else Masks(masks)
-        if set(given) != set(st.params):
-            raise ValueError(
-                f"masks must cover exactly the prunable parameters {sorted(st.params)}, "
-                f"got {sorted(given)}"
-            )
         cur = {n: given[n].to(st.device) for n in st.params}
     with _seeded(st, seed):
         scores = st.method.fn(_context(st, cur, 1, 1))
@@ -421,32 +707,51 @@ def prune(
     shuffle: bool = False,
     device: str | torch.device | None = None,
     progress: bool = False,
+    output_fn: Callable[[Any], torch.Tensor] | None = None,
     **options: Any,
 ) -> Masks:
     """Compute pruning masks for `model` at initialisation. The model is left untouched.
 
+    Every argument is checked before any work. Then, when the input shape is known, one
+    no-grad eval-mode forward of two zero inputs through a private copy checks that the
+    shape fits the model and that the output is one logits tensor; only then does scoring
+    start. The user's model never runs a forward pass.
+
     Args:
-        model: any `nn.Module`. Its prunable parameters are Conv/Linear weights by default.
+        model: any `nn.Module` taking one tensor (batch, *input_shape). Its prunable
+            parameters are Conv/Linear weights by default. float32 and float64 models are
+            scored in their dtype; float16 and bfloat16 models on a float32 copy (recorded
+            as metadata "compute_dtype"); the model itself keeps its dtype.
         method: one of `ntksap.list_methods()`.
         density / sparsity: exactly one; density = fraction of prunable weights kept.
         input_shape: one input's shape without batch dim, e.g. (3, 32, 32). Needed by the
             data-free methods that feed inputs (ntksap, synflow) unless `data` is given.
         data: iterable of (inputs, targets) batches; needed by snip, itersnip, grasp.
-            (Data-free methods only read the input shape from it.)
+            (Data-free methods only read the input shape from it.) Floating batches are
+            cast to the compute dtype.
         rounds: pruning rounds T (default: the method's paper value, e.g. ntksap 20).
         schedule: "exponential" (d_t = d^(t/T)) or "linear".
         scope: "global" (one ranking over all tensors) or "local" (per tensor).
-        seed: seeds every random draw; torch's global RNG state is restored afterwards.
+        seed: seeds every random draw, including the draw among exactly tied scores at the
+            cut; torch's global RNG state is restored afterwards.
         include_bias / exclude / include: which parameters are prunable (see `targets`).
         invert: keep the *lowest* scores (score-inversion ablation).
         shuffle: shuffle the final mask within each tensor (layer-wise shuffle ablation).
         device: where to score (default: the model's device).
         progress: show a progress bar over rounds.
+        output_fn: for a model whose forward returns a tuple, dict or output object: maps
+            that output to the logits tensor (batch, outputs), e.g.
+            `output_fn=lambda out: out.logits`. Every method scores through it.
         **options: method options, e.g. ntksap `epsilon`, `resamples`, `num_samples`,
-            `batch_size`, `init`; grasp `temperature`; synflow `precision`.
+            `batch_size`, `init`; grasp `temperature`; synflow `precision` (see
+            `ntksap.get_method(name).options` for types, defaults and help).
 
     Returns:
-        `Masks` keyed by parameter name, on the CPU, with the settings in `.metadata`.
+        `Masks` keyed by parameter name, on the CPU. `.metadata` (JSON) holds the request
+        (method, density, rounds, schedule, scope, seed, options with "auto" resolved,
+        invert, input_shape, targets), the model ("model": zoo name or class name,
+        "model_args", "num_total" prunable weights, "dtype", "compute_dtype", "output_fn":
+        whether one was given), and "seconds" and "torch".
 
     Example:
         >>> masks = prune(net, "ntksap", sparsity=0.982, input_shape=(3, 32, 32))  # doctest: +SKIP
@@ -460,6 +765,9 @@ def prune(
         raise ValueError(f"unknown schedule {schedule!r}; valid choices: {', '.join(SCHEDULES)}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
+    seed = validate.seed(seed)
+    for flag, value in (("invert", invert), ("shuffle", shuffle), ("progress", progress)):
+        validate.boolean(flag, value)
 
     def check_count(targets: dict[str, nn.Parameter]) -> None:
         n_total = sum(p.numel() for p in targets.values())
@@ -476,9 +784,9 @@ def prune(
         exclude=exclude,
         include=include,
         options=options,
+        output_fn=output_fn,
         check=check_count,
     )
-    snapshot = _Snapshot(st.work)
 
     masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in st.params.items()}
     densities = schedule_densities(d, rounds, schedule)
@@ -493,7 +801,7 @@ def prune(
     with _seeded(st, seed):
         for t in rounds_iter:
             scores = st.method.fn(_context(st, masks, t + 1, rounds))
-            snapshot.restore(st.work)
+            st.snapshot.restore(st.work)
             if set(scores) != set(st.params):
                 raise RuntimeError(f"method {st.method.name} returned scores for the wrong tensors")
             if invert:
@@ -512,6 +820,7 @@ def prune(
             "options": st.options,
             "invert": invert,
             "input_shape": list(st.input_shape) if st.input_shape else None,
+            **st.metadata,
             "seconds": round(time.perf_counter() - started, 3),
             "torch": torch.__version__,
         },

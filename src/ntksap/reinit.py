@@ -44,21 +44,28 @@ def reinitialize(model: nn.Module, scheme: str = "kaiming", seed: int | None = N
     """Re-initialise `model` in place (the 'reinit' sanity-check ablation); returns it.
 
     With `seed`, the draw is reproducible and torch's global RNG state is left as it was.
-    Masks attached with `apply_masks` stay attached; pruned weights stay zero.
+    Masks attached with `apply_masks` stay attached (on every module holding a tied
+    tensor); pruned weights stay zero. All-or-nothing: if any step fails, the weights,
+    buffers and attached masks are left exactly as they were.
     """
-    from ntksap.attach import apply_masks, get_masks, remove_masks
+    from ntksap.attach import _transaction, apply_masks, get_masks, remove_masks
 
+    if scheme not in INIT_SCHEMES:  # before the backup copy of every tensor
+        raise ValueError(
+            f"unknown init scheme {scheme!r}; valid choices: {', '.join(INIT_SCHEMES)}"
+        )
     masks = get_masks(model)
-    if len(masks):
-        remove_masks(model)
-    if seed is None:
-        redraw_(model, scheme)
-    else:
-        with torch.random.fork_rng(devices=_cuda_devices(model)):
-            torch.manual_seed(seed)
+    with _transaction(model):
+        if len(masks):
+            remove_masks(model)
+        if seed is None:
             redraw_(model, scheme)
-    if len(masks):
-        apply_masks(model, masks)
+        else:
+            with torch.random.fork_rng(devices=_cuda_devices(model)):
+                torch.manual_seed(seed)
+                redraw_(model, scheme)
+        if len(masks):
+            apply_masks(model, masks)
     return model
 
 

@@ -83,7 +83,11 @@ def finite_float(
 
 def positive_float(name: str, value: Any, *, allow_none: bool = False) -> Any:
     """A finite number > 0."""
-    return finite_float(name, value, low=0.0, low_open=True, allow_none=allow_none)
+    if allow_none and value is None:
+        return None
+    if not _is_number(value) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return value
 
 
 def choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
@@ -91,7 +95,7 @@ def choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     choices = tuple(choices)
     if value not in choices:
         shown = ", ".join(str(c) for c in choices)
-        raise ValueError(f"{name} must be one of {shown}, got {value!r}")
+        raise ValueError(f"unknown {name} {value!r}; valid choices: {shown}")
     return value
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ntksap.attach import apply_masks, private_copy, remove_masks
+from ntksap.attach import apply_masks, get_masks, private_copy, remove_masks
 from ntksap.scoring.base import batchnorms
 from ntksap.targets import prunable_parameters
 
@@ -124,20 +124,32 @@ def finite_difference_trace(
     unknown = sorted(set(masks) - set(targets))
     if unknown:
         raise ValueError(f"masks name tensors that are not prunable here: {unknown[:5]}")
-    was_training = model.training
-    model.eval()
+    attached = get_masks(model)  # plain names, as `targets`; empty when nothing is attached
+    net = model
+    if len(attached):
+        # Masks attached with apply_masks rename the parameters ("a.parametrizations.weight
+        # .original"); on a baked copy the names are the plain ones and the weights are the
+        # effective theta * m. The attached masks also keep the perturbation off pruned
+        # entries, so they are combined with `masks` below.
+        net = remove_masks(private_copy(model))
+    was_training = net.training
+    net.eval()
     try:
         dev = next(iter(targets.values())).device
         state = {
             n: t.detach().to(torch.float64)
-            for n, t in [*model.named_parameters(), *model.named_buffers()]
+            for n, t in [*net.named_parameters(), *net.named_buffers()]
             if t.is_floating_point()
         }
-        m = {n: (masks[n].to(dev) if n in masks else torch.ones_like(p, dtype=torch.bool))
-             for n, p in targets.items()}  # fmt: skip
+        m = {}
+        for n, p in targets.items():
+            m[n] = torch.ones(p.shape, dtype=torch.bool, device=dev)
+            for source in (masks, attached):
+                if n in source:
+                    m[n] = m[n] & source[n].to(dev, torch.bool)
         theta = {n: state[n] * m[n] for n in targets}
         xx = x.to(dev, torch.float64)
-        clean = functional_call(model, {**state, **theta}, (xx,))
+        clean = functional_call(net, {**state, **theta}, (xx,))
         gen = torch.Generator(device=dev).manual_seed(seed)
         values = []
         for _ in range(draws):
@@ -146,10 +158,10 @@ def finite_difference_trace(
                                                      dtype=torch.float64)) * m[n]
                 for n in targets
             }  # fmt: skip
-            out = functional_call(model, {**state, **pert}, (xx,))
+            out = functional_call(net, {**state, **pert}, (xx,))
             values.append(float((clean - out).pow(2).sum()) / epsilon**2)
     finally:
-        model.train(was_training)
+        net.train(was_training)
     arr = np.asarray(values)
     err = float(arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else math.nan
     return float(arr.mean()), err
@@ -166,9 +178,11 @@ def calibrate_batchnorm(
     rule. At initialisation the running statistics are (0, 1), so in eval mode BatchNorm
     normalises nothing; pruning then shrinks activations layer after layer and the NTK
     measures that loss of scale rather than the network that will be trained (where
-    BatchNorm does normalise). The copy is returned in eval mode; `model` is untouched.
+    BatchNorm does normalise). Masks attached to `model` count too. The copy is returned in
+    eval mode, with plain parameters; `model` is untouched.
     """
-    net = private_copy(model)
+    # Masks already attached are baked first: apply_masks refuses a tensor masked twice.
+    net = remove_masks(private_copy(model))
     if masks:
         remove_masks(apply_masks(net, masks))  # pruned weights exactly 0, plain parameters
     bns = batchnorms(net)

@@ -13,7 +13,9 @@ then 1024 green, then 1024 blue values (row-major 32x32), so `data.reshape(N, 3,
 already (N, C, H, W); labels are b"labels" (CIFAR-10) or b"fine_labels" (CIFAR-100).
 
 Security: pickles can run code. They are read with `RestrictedUnpickler`, which builds
-only dicts, lists, bytes, numbers and numpy arrays, and refuses every other global.
+only dicts, lists, bytes, numbers and numpy arrays and scalars of numeric dtypes (as numpy
+1.x and 2.x write them with pickle protocols 2 to 5), and refuses every other global and
+every object, structured or forged dtype.
 
 Example (with the archive in ./data):
     >>> from ntksap import data
@@ -25,8 +27,10 @@ Example (with the archive in ./data):
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
+import re
 import tarfile
 import zlib
 from dataclasses import dataclass
@@ -48,25 +52,107 @@ from ntksap.data.base import (
 
 # --- restricted unpickling ------------------------------------------------------------------
 
-# numpy's array rebuilder, taken from a live array so that numpy 2 does not warn about the
-# deprecated `numpy.core` module name that the official (numpy 1, Python 2) files use.
-_reconstruct = np.empty(0).__reduce__()[0]
+#: numpy dtype kinds a CIFAR pickle may hold: bool, signed and unsigned integers, floats,
+#: complex. Object ("O") dtypes are refused because an object array's pickle carries other
+#: objects; structured/void, string and datetime dtypes never occur in a batch.
+NUMERIC_KINDS = frozenset("biufc")
 
-#: The only globals a CIFAR pickle may name: what a numpy ndarray pickles into.
-ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # numpy 1 name (official files)
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2 name
-    ("numpy", "ndarray"): np.ndarray,
-    ("numpy", "dtype"): np.dtype,
+# How numpy names those dtypes in a pickle: np.dtype("u1", False, True), "i8", "f4", "b1",
+# "c16", ... Anything else ("O8", "V8", "<U3", "M8") is refused before numpy parses it.
+_DTYPE_CODE = re.compile(r"[biufc][0-9]{1,2}")
+
+_MAX_DIMS = 64  # numpy 2's NPY_MAXDIMS
+
+#: The only globals a CIFAR pickle may name, and the `RestrictedUnpickler` attribute each
+#: resolves to: what numpy 1.x and 2.x write for numeric ndarrays and scalars with pickle
+#: protocols 0-5, plus what Python 3 writes for bytes with protocol 2. Every one is a pure
+#: data constructor that checks its arguments; none is the real global itself.
+ALLOWED_GLOBALS: dict[tuple[str, str], str] = {
+    ("numpy.core.multiarray", "_reconstruct"): "_reconstruct",  # numpy 1 (official files)
+    ("numpy._core.multiarray", "_reconstruct"): "_reconstruct",  # numpy 2
+    ("numpy", "ndarray"): "_ndarray",  # only as _reconstruct's argument
+    ("numpy", "dtype"): "_dtype",
+    ("numpy.core.multiarray", "scalar"): "_scalar",  # numpy scalars, e.g. np.int64 labels
+    ("numpy._core.multiarray", "scalar"): "_scalar",
+    ("numpy.core.numeric", "_frombuffer"): "_frombuffer",  # arrays with protocol 5
+    ("numpy._core.numeric", "_frombuffer"): "_frombuffer",
+    ("_codecs", "encode"): "_encode",  # non-empty bytes with protocol 2 (Python 3)
+    ("__builtin__", "bytes"): "_bytes",  # empty bytes with protocol 2 (Python 3)
+    ("builtins", "bytes"): "_bytes",
 }
 
 
 class RefusedGlobalError(pickle.UnpicklingError):
-    """A pickle asked for a global outside `ALLOWED_GLOBALS` (e.g. os.system)."""
+    """A pickle asked for a global outside `ALLOWED_GLOBALS` (e.g. os.system), or gave an
+    allowed one anything but plain numeric data (an object dtype, a forged dtype state)."""
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """An Unpickler that resolves only numpy's ndarray globals and refuses everything else.
+class _NdarrayToken:
+    """What `numpy.ndarray` resolves to: accepted as `_reconstruct`'s first argument, but
+    not callable, since `ndarray(shape, dtype, buffer)` would build from any dtype."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise RefusedGlobalError(
+            "refused to call numpy.ndarray directly (a pickled array names it only as the "
+            "argument of numpy's _reconstruct)"
+        )
+
+    def __repr__(self) -> str:
+        return "numpy.ndarray"
+
+
+def _clean_dtype(dt: Any) -> np.dtype:
+    """A fresh dtype equal to `dt`, which must be a plain numeric one.
+
+    Rebuilt from its type string, so whatever flags a pickled dtype state carried are
+    dropped: numpy trusts them (a "holds objects" flag on int64 data makes numpy treat
+    the data as object pointers).
+    """
+    if not (
+        isinstance(dt, np.dtype)
+        and dt.kind in NUMERIC_KINDS
+        and dt.fields is None
+        and dt.subdtype is None
+        and not dt.hasobject
+        and dt.metadata is None
+    ):
+        raise RefusedGlobalError(
+            f"refused the numpy dtype {dt!r}: a CIFAR batch holds only numeric arrays "
+            "(bool, integer, float, complex)"
+        )
+    return np.dtype(dt.str)
+
+
+def _shape(shape: Any) -> tuple[int, ...]:
+    if not (
+        isinstance(shape, tuple | list)
+        and len(shape) <= _MAX_DIMS
+        and all(type(n) is int and n >= 0 for n in shape)
+    ):
+        raise RefusedGlobalError(f"refused the array shape {shape!r}: not a tuple of sizes")
+    return tuple(shape)
+
+
+def _raw_bytes(raw: Any, nbytes: int, what: str) -> bytes | bytearray:
+    """`raw` as bytes of length `nbytes`; a str is a Python 2 string read with latin-1."""
+    if isinstance(raw, str):
+        raw = raw.encode("latin-1")
+    if not isinstance(raw, bytes | bytearray):
+        raise RefusedGlobalError(
+            f"refused {what} built from a {type(raw).__name__}: numeric data comes as bytes"
+        )
+    if len(raw) != nbytes:
+        raise pickle.UnpicklingError(f"{what}: {len(raw)} bytes of data where {nbytes} belong")
+    return raw
+
+
+# The pure-Python Unpickler (pickle._Unpickler, stable since Python 3.0) because only its
+# opcode table can be changed: BUILD must be checked, since a numpy dtype's __setstate__
+# trusts its state (flags, fields) and the C Unpickler calls it unchecked.
+class RestrictedUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """An Unpickler that builds only plain data: dicts, lists, tuples, str, bytes, numbers,
+    and numpy arrays and scalars of numeric dtypes. Every other global is refused, and so
+    is every numpy dtype but bool / int / uint / float / complex (no object arrays).
 
     Example:
         >>> evil = io.BytesIO(b"cos\\nsystem\\n(S'true'\\ntR.")  # calls os.system("true")
@@ -74,21 +160,161 @@ class RestrictedUnpickler(pickle.Unpickler):
         Traceback (most recent call last):
         ...
         ntksap.data.cifar.RefusedGlobalError: refused to unpickle the global os.system ...
+        >>> RestrictedUnpickler(io.BytesIO(pickle.dumps([np.int64(3)], protocol=5))).load()
+        [np.int64(3)]
     """
 
+    dispatch = pickle._Unpickler.dispatch.copy()  # type: ignore[attr-defined]
+    _ndarray = _NdarrayToken()
+
+    def __init__(self, file: Any, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        # Arrays and dtypes made here that a BUILD opcode may still complete, by id (the
+        # dict keeps them alive, so an id cannot be reused by another object meanwhile).
+        self._pending: dict[int, Any] = {}
+
     def find_class(self, module: str, name: str) -> Any:
-        try:
-            return ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            allowed = ", ".join(f"{m}.{n}" for m, n in ALLOWED_GLOBALS)
+        attr = ALLOWED_GLOBALS.get((module, name))
+        if attr is None:
+            allowed = ", ".join(sorted({f"{m}.{n}" for m, n in ALLOWED_GLOBALS}))
             raise RefusedGlobalError(
                 f"refused to unpickle the global {module}.{name} (a CIFAR batch holds only "
                 f"dicts, lists, bytes, numbers and numpy arrays; allowed globals: {allowed})"
-            ) from None
+            )
+        return getattr(self, attr)
+
+    # -- the allowed globals -----------------------------------------------------------------
+
+    def _dtype(self, code: Any, align: Any = False, copy: Any = False) -> np.dtype:
+        """numpy.dtype(code, align, copy), for numeric type codes only ("u1", "i8", ...)."""
+        text = code.decode("ascii", "replace") if isinstance(code, bytes) else code
+        if not (isinstance(text, str) and _DTYPE_CODE.fullmatch(text)) or align:
+            raise RefusedGlobalError(
+                f"refused numpy.dtype({code!r}): a CIFAR batch holds only numeric arrays "
+                "(bool, integer, float, complex)"
+            )
+        # Always a copy: the BUILD that follows sets its byte order, and must not change
+        # numpy's shared singleton for the type.
+        dt = np.dtype(text, copy=True)
+        self._pending[id(dt)] = dt
+        return dt
+
+    def _reconstruct(self, subtype: Any, shape: Any = None, typecode: Any = None) -> np.ndarray:
+        """numpy's `_reconstruct(ndarray, (0,), b"b")`: an empty array that BUILD fills."""
+        if subtype is not self._ndarray:
+            raise RefusedGlobalError(
+                f"refused numpy's _reconstruct of {subtype!r}: only numpy.ndarray is rebuilt"
+            )
+        arr = np.empty(0, dtype=np.int8)  # numpy's placeholder too; shape/typecode unused
+        self._pending[id(arr)] = arr
+        return arr
+
+    def _scalar(self, dtype: Any, raw: Any = None) -> np.generic:
+        """numpy's `scalar(dtype, raw)`: one value of a numeric dtype from its bytes."""
+        dt = _clean_dtype(dtype)
+        return np.frombuffer(_raw_bytes(raw, dt.itemsize, "a numpy scalar"), dtype=dt)[0]
+
+    def _frombuffer(
+        self, buf: Any, dtype: Any, shape: Any, order: Any, axis_order: Any = None
+    ) -> np.ndarray:
+        """numpy's protocol-5 `_frombuffer(buf, dtype, shape, order[, axis_order])`."""
+        dt = _clean_dtype(dtype)
+        shape = _shape(shape)
+        raw = _raw_bytes(buf, math.prod(shape) * dt.itemsize, "a numpy array")
+        arr = np.frombuffer(raw, dtype=dt)
+        if not arr.flags.writeable:  # in-band read-only buffers arrive as bytes
+            arr = arr.copy()
+        if order == "K" and axis_order is not None:  # numpy 2: an axis-permuted layout
+            axes = tuple(axis_order) if isinstance(axis_order, tuple | list) else None
+            if axes is None or sorted(axes) != list(range(len(shape))):
+                raise RefusedGlobalError(f"refused the axis order {axis_order!r}")
+            return arr.reshape(shape, order="C").transpose(axes)
+        if order not in ("C", "F"):
+            raise RefusedGlobalError(f"refused the array order {order!r}")
+        return arr.reshape(shape, order=order)
+
+    def _encode(self, text: Any, encoding: Any = "utf-8", errors: Any = "strict") -> bytes:
+        """`_codecs.encode(text, "latin1")`: how Python 3 writes bytes with protocol 2."""
+        if not (isinstance(text, str) and encoding in ("latin1", "latin-1") and errors == "strict"):
+            raise RefusedGlobalError(
+                f"refused _codecs.encode with encoding {encoding!r}: protocol 2 bytes use latin1"
+            )
+        return text.encode("latin-1")
+
+    def _bytes(self, *args: Any) -> bytes:
+        """`bytes()`: how Python 3 writes b"" with protocol 2."""
+        if args:
+            raise RefusedGlobalError("refused bytes(...) with arguments")
+        return b""
+
+    # -- opcodes -----------------------------------------------------------------------------
+
+    def load_build(self) -> None:
+        """BUILD, only to complete an array or dtype made above, with a checked state."""
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        if self._pending.pop(id(inst), None) is not inst:
+            raise RefusedGlobalError(
+                f"refused to set the state of a {type(inst).__name__} (only numpy arrays "
+                "and dtypes take a state in a CIFAR batch)"
+            )
+        if isinstance(inst, np.dtype):
+            self._set_dtype_state(inst, state)
+        else:
+            self._set_array_state(inst, state)
+
+    dispatch[pickle.BUILD[0]] = load_build
+
+    def load_newobj(self) -> None:
+        raise RefusedGlobalError("refused to create a class instance (NEWOBJ)")
+
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj
+
+    @staticmethod
+    def _set_dtype_state(dt: np.dtype, state: Any) -> None:
+        """Accept only the state numpy writes for a plain numeric dtype, e.g.
+        (3, "<", None, None, None, -1, -1, 0): a byte order and nothing else."""
+        order = state[1] if isinstance(state, tuple) and len(state) == 8 else None
+        order = order.decode("ascii", "replace") if isinstance(order, bytes) else order
+        flags = np.dtype(dt.str).flags
+        orders = ("|",) if dt.itemsize == 1 else ("<", ">", "=")
+        if (
+            order not in orders
+            or state[0] != 3
+            or state[2:] != (None, None, None, -1, -1, flags)
+            or type(state[7]) is not int
+        ):
+            raise RefusedGlobalError(
+                f"refused the numpy dtype state {state!r} for {dt}: only a byte order may be "
+                "set on a numeric dtype (no fields, sizes or flags)"
+            )
+        dt.__setstate__((3, order, None, None, None, -1, -1, flags))
+
+    @staticmethod
+    def _set_array_state(arr: np.ndarray, state: Any) -> None:
+        """ndarray.__setstate__((1, shape, dtype, is_fortran, raw bytes)), checked."""
+        if isinstance(state, tuple) and len(state) == 5 and state[0] == 1:
+            state = state[1:]
+        if not (isinstance(state, tuple) and len(state) == 4):
+            raise RefusedGlobalError(f"refused the numpy array state of type {type(state)}")
+        shape, dtype, fortran, raw = state
+        dt = _clean_dtype(dtype)
+        shape = _shape(shape)
+        if fortran not in (True, False):
+            raise RefusedGlobalError(f"refused the array order flag {fortran!r}")
+        raw = _raw_bytes(raw, math.prod(shape) * dt.itemsize, "a numpy array")
+        # numpy copies the bytes into a writable array of its own (it takes bytes only)
+        np.ndarray.__setstate__(arr, (1, shape, dt, bool(fortran), bytes(raw)))
 
 
 def restricted_loads(payload: bytes, where: str) -> Any:
-    """Unpickle `payload` (read from `where`) with `RestrictedUnpickler`, encoding="bytes"."""
+    """Unpickle `payload` (read from `where`) with `RestrictedUnpickler`, encoding="bytes".
+
+    Example:
+        >>> restricted_loads(pickle.dumps({b"labels": np.arange(3)}, protocol=2), "x")
+        {b'labels': array([0, 1, 2])}
+    """
     try:
         return RestrictedUnpickler(io.BytesIO(payload), encoding="bytes").load()
     except RefusedGlobalError as err:
@@ -171,6 +397,33 @@ def _get(d: dict, key: str, where: str) -> Any:
     raise DatasetError(f"{where}: the pickled dict has no {key!r} entry; keys: {list(d)!r}")
 
 
+def _labels(raw: Any, n: int, src: str) -> torch.Tensor:
+    """A batch's labels as an (n,) int64 tensor: a list or tuple of Python or numpy integers
+    (the official files: a list of int), or an integer numpy array.
+
+    Example:
+        >>> _labels([np.int64(2), 7, np.uint8(1)], 3, "x")
+        tensor([2, 7, 1])
+    """
+    if isinstance(raw, list | tuple):
+        # Element by element: np.asarray would turn a mix of int64 and uint64 into float64.
+        if not all(isinstance(v, int | np.integer) and not isinstance(v, bool) for v in raw):
+            kinds = sorted({type(v).__name__ for v in raw})
+            raise DatasetError(f"{src}: labels must be integers, got {', '.join(kinds)}")
+        try:
+            y = np.array([int(v) for v in raw], dtype=np.int64)
+        except OverflowError:
+            raise DatasetError(f"{src}: a label does not fit in int64") from None
+    elif isinstance(raw, np.ndarray) and np.issubdtype(raw.dtype, np.integer):
+        y = raw.astype(np.int64)  # a copy, so the tensor owns writable memory
+    else:
+        what = f"{raw.dtype} array" if isinstance(raw, np.ndarray) else type(raw).__name__
+        raise DatasetError(f"{src}: labels must be a list or an integer array, got a {what}")
+    if y.shape != (n,):
+        raise DatasetError(f"{src}: {n} images but labels of shape {y.shape}, {y.dtype}")
+    return torch.from_numpy(y)
+
+
 def _read_archive(
     archive: Path, names: list[str], spec: _CifarSpec, root: Path
 ) -> dict[str, bytes]:
@@ -249,7 +502,6 @@ def load_cifar(spec: _CifarSpec, root: Path, split: Split) -> TensorImageDataset
         if not isinstance(batch, dict):
             raise DatasetError(f"{src}: expected a pickled dict, got {type(batch).__name__}")
         data = _get(batch, "data", src)
-        y = np.asarray(_get(batch, spec.label_key, src))
         if not (
             isinstance(data, np.ndarray)
             and data.dtype == np.uint8
@@ -260,13 +512,10 @@ def load_cifar(spec: _CifarSpec, root: Path, split: Split) -> TensorImageDataset
                 f"{src}: 'data' must be a (N, 3072) uint8 array, got "
                 f"{getattr(data, 'shape', None)} {getattr(data, 'dtype', type(data).__name__)}"
             )
-        if y.shape != (len(data),) or not np.issubdtype(y.dtype, np.integer):
-            raise DatasetError(
-                f"{src}: {len(data)} images but labels of shape {y.shape}, {y.dtype}"
-            )
+        y = _labels(_get(batch, spec.label_key, src), len(data), src)
         # Rows are 1024 R, 1024 G, 1024 B, each row-major 32x32: already (C, H, W) order.
         images.append(torch.from_numpy(np.ascontiguousarray(data).reshape(-1, 3, 32, 32)))
-        labels.append(torch.from_numpy(y.astype(np.int64)))
+        labels.append(y)
 
     classes = None
     if spec.meta_file in raw:

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ntksap.models import register_model
-from ntksap.models.init import check_positive_int, kaiming_init_
+from ntksap.models.base import register_model
+from ntksap.models.init import kaiming_init_
+from ntksap.validate import positive_int
 
 __all__ = ["BasicBlock", "CifarResNet"]
 
@@ -70,8 +71,8 @@ class CifarResNet(nn.Module):
         widths: tuple[int, int, int] = (16, 32, 64),
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         if depth < 8 or (depth - 2) % 6 != 0:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
         if len(widths) != 3:
@@ -106,31 +107,31 @@ class CifarResNet(nn.Module):
         return self.fc(x)  # (N, num_classes)
 
 
-@register_model("resnet20")
+@register_model("resnet20", input_shape=(3, 32, 32), num_classes=10)
 def resnet20(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-20 (n=3, 272,474 parameters at 10 classes)."""
     return CifarResNet(20, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("resnet32")
+@register_model("resnet32", input_shape=(3, 32, 32), num_classes=10)
 def resnet32(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-32 (n=5)."""
     return CifarResNet(32, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("resnet44")
+@register_model("resnet44", input_shape=(3, 32, 32), num_classes=10)
 def resnet44(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-44 (n=7)."""
     return CifarResNet(44, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("resnet56")
+@register_model("resnet56", input_shape=(3, 32, 32), num_classes=10)
 def resnet56(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-56 (n=9)."""
     return CifarResNet(56, num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("resnet110")
+@register_model("resnet110", input_shape=(3, 32, 32), num_classes=10)
 def resnet110(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-110 (n=18)."""
     return CifarResNet(110, num_classes=num_classes, in_channels=in_channels, **kwargs)

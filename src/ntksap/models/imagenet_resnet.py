@@ -23,8 +23,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ntksap.models import register_model
-from ntksap.models.init import check_positive_int, kaiming_init_
+from ntksap.models.base import register_model
+from ntksap.models.init import kaiming_init_
+from ntksap.validate import positive_int
 
 __all__ = ["BasicBlock", "Bottleneck", "ImageNetResNet"]
 
@@ -104,8 +105,8 @@ class ImageNetResNet(nn.Module):
         in_channels: int = 3,
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         if len(layers) != 4 or any(n < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive block counts, got {layers!r}")
 
@@ -140,24 +141,24 @@ class ImageNetResNet(nn.Module):
         return self.fc(x)  # (N, num_classes)
 
 
-@register_model("resnet18")
-def resnet18(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+@register_model("resnet18", input_shape=(3, 224, 224), num_classes=1000)
+def resnet18(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-18: BasicBlock, (2, 2, 2, 2); 11,689,512 parameters at 1000 classes."""
     return ImageNetResNet(
         BasicBlock, (2, 2, 2, 2), num_classes=num_classes, in_channels=in_channels, **kwargs
     )
 
 
-@register_model("resnet34")
-def resnet34(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+@register_model("resnet34", input_shape=(3, 224, 224), num_classes=1000)
+def resnet34(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-34: BasicBlock, (3, 4, 6, 3); 21,797,672 parameters at 1000 classes."""
     return ImageNetResNet(
         BasicBlock, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, **kwargs
     )
 
 
-@register_model("resnet50")
-def resnet50(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+@register_model("resnet50", input_shape=(3, 224, 224), num_classes=1000)
+def resnet50(num_classes: int = 1000, in_channels: int = 3, **kwargs) -> nn.Module:
     """ResNet-50: Bottleneck, (3, 4, 6, 3); 25,557,032 parameters at 1000 classes."""
     return ImageNetResNet(
         Bottleneck, (3, 4, 6, 3), num_classes=num_classes, in_channels=in_channels, **kwargs

@@ -43,9 +43,3 @@ def kaiming_init_(module: M) -> M:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
     return module
-
-
-def check_positive_int(name: str, value: int) -> None:
-    """Raise a ValueError unless `value` is an int >= 1 (model constructors use it for sizes)."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")

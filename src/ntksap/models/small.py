@@ -16,8 +16,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ntksap.models import register_model
-from ntksap.models.init import check_positive_int, kaiming_init_
+from ntksap.models.base import register_model
+from ntksap.models.init import kaiming_init_
+from ntksap.validate import positive_int
 
 __all__ = ["MLP", "LeNet5"]
 
@@ -38,8 +39,8 @@ class LeNet5(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 6, kernel_size=5, padding=2),
             nn.ReLU(),
@@ -82,11 +83,11 @@ class MLP(nn.Module):
         hidden: Sequence[int] = (300, 100),
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
-        check_positive_int("input_size", input_size)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
+        positive_int("input_size", input_size)
         for h in hidden:
-            check_positive_int("every hidden size", h)
+            positive_int("every hidden size", h)
         self.in_features = in_channels * input_size**2
         layers: list[nn.Module] = [nn.Flatten()]  # (N, C, S, S) -> (N, C * S * S)
         width = self.in_features
@@ -106,13 +107,13 @@ class MLP(nn.Module):
         return self.layers(x)
 
 
-@register_model("lenet5")
-def lenet5(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
+@register_model("lenet5", input_shape=(1, 28, 28), num_classes=10)
+def lenet5(num_classes: int = 10, in_channels: int = 1, **kwargs) -> nn.Module:
     """LeNet-5 (61,706 parameters at 10 classes, 1 channel)."""
     return LeNet5(num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("mlp")
-def mlp(num_classes: int = 10, in_channels: int = 3, input_size: int = 28, **kwargs) -> nn.Module:
+@register_model("mlp", input_shape=(1, 28, 28), num_classes=10)
+def mlp(num_classes: int = 10, in_channels: int = 1, input_size: int = 28, **kwargs) -> nn.Module:
     """LeNet-300-100-style MLP; `input_size` is the side of the (square) input images."""
     return MLP(num_classes=num_classes, in_channels=in_channels, input_size=input_size, **kwargs)

@@ -21,8 +21,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ntksap.models import register_model
-from ntksap.models.init import check_positive_int, kaiming_init_
+from ntksap.models.base import register_model
+from ntksap.models.init import kaiming_init_
+from ntksap.validate import positive_int
 
 __all__ = ["CFGS", "VGG"]
 
@@ -57,8 +58,8 @@ class VGG(nn.Module):
         conv_bias: bool = True,
     ) -> None:
         super().__init__()
-        check_positive_int("num_classes", num_classes)
-        check_positive_int("in_channels", in_channels)
+        positive_int("num_classes", num_classes)
+        positive_int("in_channels", in_channels)
         layers: list[nn.Module] = []
         channels = in_channels
         for v in cfg:
@@ -83,25 +84,25 @@ class VGG(nn.Module):
         return self.classifier(x)  # (N, num_classes)
 
 
-@register_model("vgg11_bn")
+@register_model("vgg11_bn", input_shape=(3, 32, 32), num_classes=10)
 def vgg11_bn(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """VGG-11 (config A) with BatchNorm."""
     return VGG(CFGS["A"], num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("vgg13_bn")
+@register_model("vgg13_bn", input_shape=(3, 32, 32), num_classes=10)
 def vgg13_bn(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """VGG-13 (config B) with BatchNorm."""
     return VGG(CFGS["B"], num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("vgg16_bn")
+@register_model("vgg16_bn", input_shape=(3, 32, 32), num_classes=10)
 def vgg16_bn(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """VGG-16 (config D) with BatchNorm."""
     return VGG(CFGS["D"], num_classes=num_classes, in_channels=in_channels, **kwargs)
 
 
-@register_model("vgg19_bn")
+@register_model("vgg19_bn", input_shape=(3, 32, 32), num_classes=10)
 def vgg19_bn(num_classes: int = 10, in_channels: int = 3, **kwargs) -> nn.Module:
     """VGG-19 (config E) with BatchNorm."""
     return VGG(CFGS["E"], num_classes=num_classes, in_channels=in_channels, **kwargs)

@@ -10,6 +10,7 @@ from ntksap.scoring import grasp, ntksap, simple, snip, synflow  # noqa: F401  (
 from ntksap.scoring.base import (
     METHODS,
     Method,
+    Option,
     ScoreContext,
     Scores,
     get_method,
@@ -20,6 +21,7 @@ from ntksap.scoring.base import (
 __all__ = [
     "METHODS",
     "Method",
+    "Option",
     "ScoreContext",
     "Scores",
     "get_method",

@@ -5,17 +5,33 @@ means "keep". It changes nothing the user owns: it works on the pruning loop's p
 of the model (whose state the loop restores after every round) and reads the current mask
 from the context. Selection (top-k) and application (parametrize) are separate steps.
 
-Adding a method is one function and one decorator:
+Adding a method is one function and one decorator. Its keyword options are typed `Option`
+specs: `prune` fills in the defaults and checks every value before any work, so a scorer
+reads `ctx.options` without checking anything:
 
-    >>> @register_method("abs_grad_free", needs_data=False, default_rounds=1)
-    ... def my_score(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    ...     return {n: p.detach().abs() for n, p in ctx.params.items()}
+    >>> @register_method(  # doctest: +SKIP
+    ...     "abs_power",
+    ...     default_rounds=1,
+    ...     options=[Option("power", 1.0, float, "exponent of |theta|", low=0.0, low_open=True)],
+    ... )
+    ... def abs_power(ctx: ScoreContext) -> dict[str, torch.Tensor]:
+    ...     return {n: p.detach().abs() ** ctx.options["power"] for n, p in ctx.params.items()}
+
+One option on its own:
+
+    >>> power = Option("power", 1.0, float, "exponent of |theta|", low=0.0, low_open=True)
+    >>> power.check("abs_power", 2)  # an int is fine for a float option
+    2.0
+    >>> power.check("abs_power", 0)
+    Traceback (most recent call last):
+    ...
+    ValueError: abs_power power must be a positive number, got 0
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -23,10 +39,127 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ntksap import validate as validators  # (`validate` is a Method field's name)
 from ntksap.registry import Registry
 
 Scores = dict[str, torch.Tensor]
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+#: The value types an `Option` may have (what a command line can parse, and JSON can hold).
+OPTION_TYPES: tuple[type, ...] = (int, float, str, bool)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One keyword option of a pruning method: its default, type, bounds and help.
+
+    Attributes:
+        name: the keyword, e.g. "epsilon".
+        default: the value used when the option is not given (checked at registration).
+        type: int, float, str or bool: the type of every non-None value.
+        help: one line for `ntksap list` and `--help`; for `allow_none` say what None does.
+        choices: the only valid values, or None for any value of `type`.
+        allow_none: None is valid (it means "auto"; `help` says what auto is).
+        low: numeric lower bound, or None; `low_open` makes it exclusive.
+
+    Example:
+        >>> Option("resamples", 5, int, low=1).check("ntksap", 3)
+        3
+        >>> Option("init", "auto", str, choices=("auto", "reset")).check("ntksap", "bad")
+        Traceback (most recent call last):
+        ...
+        ValueError: ntksap init must be one of auto, reset, got 'bad'
+    """
+
+    name: str
+    default: Any
+    type: type
+    help: str = ""
+    choices: tuple[Any, ...] | None = None
+    allow_none: bool = False
+    low: float | None = None
+    low_open: bool = False
+
+    def __post_init__(self) -> None:
+        # A bad spec is a programming error: report it at import time, not in a user's run.
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise TypeError(f"option name must be a Python identifier, got {self.name!r}")
+        if self.type not in OPTION_TYPES:
+            shown = ", ".join(t.__name__ for t in OPTION_TYPES)
+            raise TypeError(f"option {self.name!r}: type must be one of {shown}, got {self.type}")
+        if self.low is not None and (
+            self.type not in (int, float)
+            or isinstance(self.low, bool)
+            or not isinstance(self.low, int | float)
+            or not math.isfinite(self.low)
+        ):
+            raise TypeError(f"option {self.name!r}: low must be a finite number (int/float only)")
+        if self.choices is not None:
+            object.__setattr__(self, "choices", tuple(self.choices))
+            if not self.choices:
+                raise TypeError(f"option {self.name!r}: choices must not be empty")
+            for c in self.choices:
+                if isinstance(c, bool) != (self.type is bool) or not isinstance(c, self.type):
+                    raise TypeError(f"option {self.name!r}: choice {c!r} is not a {self.type}")
+        self.check("option spec", self.default)
+
+    def describe(self) -> str:
+        """What a valid value is, in words (for messages and help).
+
+        >>> Option("epsilon", 0.01, float, low=0.0, low_open=True).describe()
+        'a positive number'
+        >>> Option("num_samples", None, int, allow_none=True, low=1).describe()
+        'an integer >= 1 or None (auto)'
+        """
+        if self.choices is not None:
+            text = "one of " + ", ".join(str(c) for c in self.choices)
+        elif self.type is bool:
+            text = "True or False"
+        elif self.type is str:
+            text = "a string"
+        else:
+            text = "an integer" if self.type is int else "a number"
+            if self.low == 0 and self.low_open:
+                text = f"a positive {text.split()[-1]}"
+            elif self.low is not None:
+                text += f" {'>' if self.low_open else '>='} {self.low:g}"
+        return text + (" or None (auto)" if self.allow_none else "")
+
+    def _normalise(self, label: str, value: Any) -> Any:
+        """`value` (not None) checked with `ntksap.validate` against type, bounds, choices."""
+        if self.type is bool:
+            value = validators.boolean(label, value)
+        elif self.type is str:
+            if not isinstance(value, str):
+                raise ValueError(f"{label} must be a string, got {value!r}")
+        elif self.type is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{label} must be an integer, got {value!r}")
+            validators.finite_float(label, value, low=self.low, low_open=self.low_open)
+        else:  # float: an int is accepted and converted, so the scorer always sees a float
+            value = float(
+                validators.finite_float(label, value, low=self.low, low_open=self.low_open)
+            )
+        if self.choices is not None:
+            validators.choice(label, value, self.choices)
+        return value
+
+    def check(self, method: str, value: Any) -> Any:
+        """The validated, normalised `value`; ValueError "<method> <name> must be ..." if not.
+
+        NaN and inf are refused for numbers, bools are never numbers, and an int is accepted
+        (as a float) for a float option.
+        """
+        if value is None and self.allow_none:
+            return None
+        label = f"{method} {self.name}"
+        try:
+            if value is None:
+                raise ValueError(label)
+            return self._normalise(label, value)
+        except ValueError:
+            # one message shape for every option: "<method> <name> must be <describe>"
+            raise ValueError(f"{label} must be {self.describe()}, got {value!r}") from None
 
 
 @dataclass
@@ -38,10 +171,16 @@ class ScoreContext:
             by the scorer; the loop restores them).
         params: prunable name -> the copy's parameter (theta), in `named_parameters` order.
         masks: prunable name -> current bool mask (True = kept), same device as `params`.
-        data: list of (inputs, targets) batches on the scoring device, or None.
+        data: list of (inputs, targets) batches on the scoring device, or None; floating
+            inputs are already in `dtype`.
         input_shape: shape of one input without the batch dimension, e.g. (3, 32, 32).
+        device: where to compute.
         round: 1-based index of the pruning round; `rounds` is the total T.
-        options: the method's options, defaults filled in.
+        options: the method's options, checked, defaults filled in.
+        dtype: the floating dtype the private copy computes in (its parameters' dtype).
+        output_fn: maps the model's raw output to the logits tensor (None: it is one).
+        output_width: numbers per input in the logits (from the loop's shape check), or
+            None when unknown.
     """
 
     model: nn.Module
@@ -53,6 +192,9 @@ class ScoreContext:
     round: int = 1
     rounds: int = 1
     options: dict[str, Any] = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    output_fn: Callable[[Any], torch.Tensor] | None = None
+    output_width: int | None = None
 
     def mask_float(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Current masks as 0/1 float tensors (dtype of the parameters unless given)."""
@@ -61,11 +203,62 @@ class ScoreContext:
     def forward(
         self, weights: Mapping[str, torch.Tensor], x: torch.Tensor, **extra: torch.Tensor
     ) -> torch.Tensor:
-        """`model(x)` with the prunable weights replaced by `weights` (functional, no writes)."""
-        return functional_call(self.model, {**weights, **extra}, (x,), strict=False)
+        """The logits of `model(x)` with the prunable weights replaced by `weights`
+        (functional, no writes); `output_fn` is applied here, so every method uses it."""
+        out = functional_call(self.model, {**weights, **extra}, (x,), strict=False)
+        return as_logits(out, self.output_fn)
 
 
 ScoreFn = Callable[[ScoreContext], Scores]
+
+
+def _output_hint(out: Any) -> str:
+    """The `output_fn` that probably picks the logits out of `out`."""
+    if hasattr(out, "logits"):
+        return "output_fn=lambda out: out.logits"
+    if isinstance(out, Mapping):
+        key = "logits" if "logits" in out else next(iter(out), None)
+        if key is not None:
+            return f"output_fn=lambda out: out[{key!r}]"
+    if isinstance(out, tuple | list) and out:
+        return "output_fn=lambda out: out[0]"
+    return "output_fn= (a function that picks the logits tensor out of it)"
+
+
+def as_logits(out: Any, output_fn: Callable[[Any], Any] | None = None) -> torch.Tensor:
+    """`output_fn(out)` (or `out`), checked to be one tensor: what every scorer differentiates.
+
+    Raises:
+        TypeError: naming what was returned and the `output_fn` that would fix it.
+
+    Example:
+        >>> as_logits((torch.zeros(2, 3), None))
+        Traceback (most recent call last):
+        ...
+        TypeError: the model's forward must return one tensor of logits (batch, outputs); it returned tuple; pass output_fn=lambda out: out[0]
+        >>> as_logits((torch.zeros(2, 3), None), lambda out: out[0]).shape
+        torch.Size([2, 3])
+    """  # noqa: E501
+    if output_fn is None:
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                "the model's forward must return one tensor of logits (batch, outputs); it "
+                f"returned {type(out).__name__}; pass {_output_hint(out)}"
+            )
+        return out
+    try:
+        logits = output_fn(out)
+    except Exception as exc:
+        raise TypeError(
+            f"output_fn failed on the model's output ({type(out).__name__}): "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(
+            "output_fn must return one tensor of logits (batch, outputs); it returned "
+            f"{type(logits).__name__}"
+        )
+    return logits
 
 
 @dataclass(frozen=True)
@@ -78,9 +271,10 @@ class Method:
         needs_data: True for methods that read real (inputs, targets) batches.
         needs_input_shape: True for data-free methods that feed synthetic inputs.
         default_rounds: the paper's number of pruning rounds T.
-        options: allowed keyword options and their defaults.
+        options: option name -> its `Option` spec (type, default, bounds, help).
         summary: one line for `ntksap list`.
-        validate: checks a full options dict, raising ValueError; runs before any work.
+        validate: cross-option check of a full, per-option-checked options dict, raising
+            ValueError; runs before any work.
     """
 
     name: str
@@ -88,9 +282,30 @@ class Method:
     needs_data: bool
     needs_input_shape: bool
     default_rounds: int
-    options: Mapping[str, Any]
+    options: Mapping[str, Option]
     summary: str
     validate: Callable[[dict[str, Any]], None] | None = None
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        """Option name -> default value."""
+        return {n: o.default for n, o in self.options.items()}
+
+    def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """`given` checked option by option, defaults filled in, then `validate` run.
+
+        Raises:
+            TypeError: an unknown option name (the message lists the valid ones).
+            ValueError: a value its `Option` refuses, or a failed cross-option check.
+        """
+        unknown = sorted(set(given) - set(self.options))
+        if unknown:
+            valid = ", ".join(self.options) or "none"
+            raise TypeError(f"unknown option(s) {unknown} for method {self.name!r}; valid: {valid}")
+        opts = {n: o.check(self.name, given.get(n, o.default)) for n, o in self.options.items()}
+        if self.validate is not None:
+            self.validate(opts)
+        return opts
 
 
 METHODS: Registry[Method] = Registry("method")
@@ -102,11 +317,30 @@ def register_method(
     needs_data: bool = False,
     needs_input_shape: bool = False,
     default_rounds: int = 1,
-    options: Mapping[str, Any] | None = None,
+    options: Sequence[Option] = (),
     summary: str = "",
     validate: Callable[[dict[str, Any]], None] | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
-    """Decorator registering a scorer under `name`."""
+    """Decorator registering a scorer under `name`.
+
+    Args:
+        options: the method's keyword options, a sequence of `Option` specs.
+        validate: optional cross-option check (each option is already checked on its own).
+    """
+    if isinstance(options, Mapping | str):
+        raise TypeError(
+            "options must be a sequence of Option specs, e.g. "
+            "options=[Option('epsilon', 0.01, float, low=0.0, low_open=True)]; "
+            f"got {type(options).__name__}"
+        )
+    specs: dict[str, Option] = {}
+    for opt in options:
+        if not isinstance(opt, Option):
+            raise TypeError(f"method {name!r}: options must be Option specs, got {opt!r}")
+        if opt.name in specs:
+            raise ValueError(f"method {name!r}: option {opt.name!r} is declared twice")
+        specs[opt.name] = opt
+    rounds = validators.positive_int(f"method {name!r} default_rounds", default_rounds)
 
     def deco(fn: ScoreFn) -> ScoreFn:
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -116,8 +350,8 @@ def register_method(
                 fn=fn,
                 needs_data=needs_data,
                 needs_input_shape=needs_input_shape,
-                default_rounds=default_rounds,
-                options=dict(options or {}),
+                default_rounds=rounds,
+                options=specs,
                 summary=summary or (doc[0] if doc else ""),
                 validate=validate,
             )
@@ -137,28 +371,6 @@ def get_method(name: str) -> Method:
     return METHODS.get(name)
 
 
-def check_positive_int(method: str, key: str, value: Any, allow_none: bool = False) -> None:
-    """Raise ValueError unless `value` is an int >= 1 (or None when allowed)."""
-    if allow_none and value is None:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"{method} {key} must be an integer >= 1{extra}, got {value!r}")
-
-
-def check_positive_float(method: str, key: str, value: Any) -> None:
-    """Raise ValueError unless `value` is a finite number > 0."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{method} {key} must be a positive number, got {value!r}")
-
-
-def check_choice(method: str, key: str, value: Any, choices: tuple[str, ...]) -> None:
-    """Raise ValueError unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ValueError(f"{method} {key} must be one of {', '.join(choices)}, got {value!r}")
-
-
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
@@ -171,8 +383,10 @@ def cross_entropy_sum_over_batches(
     """sum over the data's batches of mean cross-entropy of `model(x) / temperature`."""
     if not ctx.data:
         raise ValueError("this method needs data: pass data=[(inputs, targets), ...]")
-    total = torch.zeros((), device=ctx.device)
+    total: torch.Tensor | None = None
     for x, y in ctx.data:
         out = ctx.forward(weights, x)
-        total = total + nn.functional.cross_entropy(out / temperature, y)
+        loss = nn.functional.cross_entropy(out / temperature, y)
+        total = loss if total is None else total + loss  # stays in the compute dtype
+    assert total is not None
     return total

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 
 from ntksap.scoring.base import (
+    Option,
     ScoreContext,
     Scores,
-    check_positive_float,
     cross_entropy_sum_over_batches,
     register_method,
 )
@@ -25,8 +25,16 @@ from ntksap.scoring.base import (
     "grasp",
     needs_data=True,
     default_rounds=1,
-    options={"temperature": 200.0},
-    validate=lambda o: check_positive_float("grasp", "temperature", o["temperature"]),
+    options=[
+        Option(
+            "temperature",
+            200.0,
+            float,
+            "T in the cross-entropy of logits / T (the reference's 200)",
+            low=0.0,
+            low_open=True,
+        )
+    ],
     summary="theta * Hg, gradient-flow preservation (Wang 2020)",
 )
 def grasp_scores(ctx: ScoreContext) -> Scores:

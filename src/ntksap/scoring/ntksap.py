@@ -22,18 +22,14 @@ flows through the statistics.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ntksap.reinit import INIT_SCHEMES, redraw_
 from ntksap.scoring.base import (
+    Option,
     ScoreContext,
     Scores,
     batchnorms,
-    check_choice,
-    check_positive_float,
-    check_positive_int,
     register_method,
 )
 
@@ -80,8 +76,10 @@ def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             if init != "none":
                 redraw_(ctx.model, init)  # theta_i: a fresh draw for this noise batch
             theta = {n: ctx.params[n].detach() for n in names}
-            z = torch.randn((bs, *ctx.input_shape), device=ctx.device)
-            delta = {n: torch.randn_like(theta[n]) * eps for n in names}
+            # Noise is drawn in float32 and cast, so a float64 model sees the z and delta of
+            # its float32 twin (same seed) and only computes more precisely.
+            z = _normal((bs, *ctx.input_shape), ctx)
+            delta = {n: _normal(theta[n].shape, ctx) * eps for n in names}
 
             set_clean_bn_statistics(ctx, {n: theta[n] * m[n].detach() for n in names}, z)
             ctx.model.eval()
@@ -93,35 +91,58 @@ def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     return grad
 
 
-def _validate(opts: dict[str, Any]) -> None:
-    check_positive_float("ntksap", "epsilon", opts["epsilon"])
-    check_positive_int("ntksap", "resamples", opts["resamples"])
-    check_positive_int("ntksap", "batch_size", opts["batch_size"])
-    check_positive_int("ntksap", "num_samples", opts["num_samples"], allow_none=True)
-    check_choice("ntksap", "init", opts["init"], NTKSAP_INITS)
+def _normal(shape: tuple[int, ...] | torch.Size, ctx: ScoreContext) -> torch.Tensor:
+    """N(0, 1) of `shape` drawn in float32 on the scoring device, in the compute dtype."""
+    return torch.randn(shape, device=ctx.device, dtype=torch.float32).to(ctx.dtype)
 
 
 @torch.no_grad()
 def default_num_samples(ctx: ScoreContext) -> int:
-    """10 x the model's output width per sample (the paper's "10 x classes")."""
+    """10 x the model's output width per sample (the paper's "10 x classes").
+
+    The width comes from the pruning loop's input-shape check (`ctx.output_width`); only a
+    context built without it costs a forward pass here.
+    """
+    if ctx.output_width is not None:
+        return 10 * ctx.output_width
+    assert ctx.input_shape is not None
     ctx.model.eval()
-    out = ctx.forward({}, torch.zeros((2, *ctx.input_shape), device=ctx.device))
-    return 10 * out[0].numel()
+    x = torch.zeros((2, *ctx.input_shape), device=ctx.device, dtype=ctx.dtype)
+    return 10 * ctx.forward({}, x)[0].numel()
 
 
 @register_method(
     "ntksap",
     needs_input_shape=True,
     default_rounds=20,
-    options={
-        "epsilon": 0.01,
-        "resamples": 5,
-        "num_samples": None,
-        "batch_size": 256,
-        "init": "auto",
-    },
+    options=[
+        Option(
+            "epsilon",
+            0.01,
+            float,
+            "std of the weight perturbation delta (the paper's variance 1e-4)",
+            low=0.0,
+            low_open=True,
+        ),
+        Option("resamples", 5, int, "independent (theta, z) draws per noise batch", low=1),
+        Option(
+            "num_samples",
+            None,
+            int,
+            "noise inputs per resample; auto: 10 x the model's output width",
+            allow_none=True,
+            low=1,
+        ),
+        Option("batch_size", 256, int, "noise inputs per forward pass", low=1),
+        Option(
+            "init",
+            "auto",
+            str,
+            "how theta is re-drawn; auto: kaiming for zoo models, reset otherwise",
+            choices=NTKSAP_INITS,
+        ),
+    ],
     summary="NTK spectrum-aware, finite-difference NTK trace (Wang 2023, data-free)",
-    validate=_validate,
 )
 def ntksap_scores(ctx: ScoreContext) -> Scores:
     """|dR/dm| at the current mask, zero where already pruned.

@@ -3,15 +3,16 @@
 R = sum(f(1; |theta| * m)): the network with every parameter and buffer replaced by its
 absolute value, fed a single all-ones input, in eval mode (BatchNorm uses its running
 statistics, an affine identity at init). Score = |w * dR/dw| with w = |theta| * m.
-Products of many layers overflow float32 on deep nets, so `precision="auto"` redoes the
-round in float64 when the float32 result is not finite.
+Products of many layers overflow float32 on deep nets, so `precision="auto"` computes in
+the model's dtype (float32 or float64) and redoes a float32 round in float64 when its result
+is not finite.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ntksap.scoring.base import ScoreContext, Scores, check_choice, register_method
+from ntksap.scoring.base import Option, ScoreContext, Scores, register_method
 
 PRECISIONS = ("auto", "float32", "float64")
 
@@ -41,19 +42,26 @@ def _synflow_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
     "synflow",
     needs_input_shape=True,
     default_rounds=100,
-    options={"precision": "auto"},
-    validate=lambda o: check_choice("synflow", "precision", o["precision"], PRECISIONS),
+    options=[
+        Option(
+            "precision",
+            "auto",
+            str,
+            "dtype of the score computation; auto: the model's, float64 if float32 overflows",
+            choices=PRECISIONS,
+        )
+    ],
     summary="iterative synaptic flow |theta * dR/dtheta| (Tanaka 2020, data-free)",
 )
 def synflow_scores(ctx: ScoreContext) -> Scores:
     """|w * dR/dw|, R the all-ones output of the |theta| * m network; T rounds (default 100)."""
     precision = ctx.options["precision"]
-    if precision == "float64":
-        return _synflow_once(ctx, torch.float64)[0]
-    scores, finite = _synflow_once(ctx, torch.float32)
-    if finite or precision == "float32":
-        return scores
-    scores, finite = _synflow_once(ctx, torch.float64)
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(precision, ctx.dtype)
+    scores, finite = _synflow_once(ctx, dtype)
+    if not finite and precision == "auto" and dtype != torch.float64:
+        dtype = torch.float64  # products over many layers overflow float32 on deep nets
+        scores, finite = _synflow_once(ctx, dtype)
     if not finite:
-        raise FloatingPointError("synflow scores overflow even in float64")
+        hint = "" if dtype == torch.float64 else '; use precision="auto" or "float64"'
+        raise FloatingPointError(f"synflow scores overflow in {dtype}{hint}")
     return scores

@@ -19,9 +19,14 @@ from typing import Any
 
 import torch
 
-from ntksap.files import atomic_write, read_json, write_json
+from ntksap.files import atomic_write, read_json, torch_bytes, write_json
 
 CHECKPOINT_FORMAT = "ntksap.checkpoint/1"
+#: What a checkpoint must hold to be resumed from.
+CHECKPOINT_KEYS = (
+    "epoch", "model", "optimizer", "scheduler", "scaler", "masks", "rng", "config",
+    "best_top1", "best_epoch",
+)  # fmt: skip
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -36,7 +41,7 @@ __all__ = [
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> Path:
     """Write a training checkpoint atomically (`state` must be weights_only-loadable)."""
-    return atomic_write(path, lambda t: torch.save({"format": CHECKPOINT_FORMAT, **state}, t))
+    return atomic_write(path, torch_bytes({"format": CHECKPOINT_FORMAT, **state}))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -50,6 +55,13 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         raise ValueError(f"cannot read checkpoint {path}: {exc}") from exc
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an ntksap checkpoint ({CHECKPOINT_FORMAT})")
+    missing = [k for k in CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise ValueError(
+            f"checkpoint {path} is incomplete: missing {', '.join(missing)}; it was not written "
+            "by `ntksap train/run` of this version. Delete it to restart the run from epoch 0 "
+            "(--resume then re-uses the saved config and mask), or start a new --out"
+        )
     return state
 
 

@@ -16,6 +16,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from ntksap import validate as v
+
 SCHEDULES = ("multistep", "cosine")
 
 
@@ -61,32 +63,21 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ValueError naming the bad field and what is valid."""
-
-        def pos_int(name: str) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
-
-        def nonneg(name: str, upper: float = math.inf) -> None:
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= upper:
-                raise ValueError(f"{name} must be a number in [0, {upper}], got {v!r}")
-
-        pos_int("epochs")
-        pos_int("batch_size")
-        pos_int("eval_every")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, int | float) or self.lr <= 0:
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
-        nonneg("momentum", 1.0)
-        nonneg("weight_decay")
-        nonneg("gamma", 1.0)
-        nonneg("warmup_epochs", float(self.epochs))
-        nonneg("label_smoothing", 1.0)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(
-                f"unknown schedule {self.schedule!r}; valid choices: {', '.join(SCHEDULES)}"
-            )
+        """Raise ValueError naming the bad field and what is valid (NaN/inf never pass)."""
+        for name in ("epochs", "batch_size", "eval_every"):
+            v.positive_int(name, getattr(self, name))
+        v.positive_float("lr", self.lr)
+        v.finite_float("momentum", self.momentum, low=0.0, high=1.0)
+        v.finite_float("weight_decay", self.weight_decay, low=0.0)
+        v.finite_float("gamma", self.gamma, low=0.0, high=1.0)
+        v.finite_float("warmup_epochs", self.warmup_epochs, low=0.0, high=float(self.epochs))
+        v.finite_float("label_smoothing", self.label_smoothing, low=0.0, high=1.0)
+        v.choice("schedule", self.schedule, SCHEDULES)
+        v.boolean("nesterov", self.nesterov)
+        for name in ("amp", "channels_last"):
+            if getattr(self, name) is not None:
+                v.boolean(name, getattr(self, name))
+        v.seed(self.seed)
         if self.nesterov and self.momentum == 0:
             raise ValueError("nesterov needs momentum > 0")
         ms = self.milestones

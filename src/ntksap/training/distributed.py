@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -48,7 +49,7 @@ def setup(device: str | None = None) -> DistEnv:
     if device is None:
         dev = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
     else:
-        dev = torch.device(device)
+        dev = resolve_device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device(f"cuda:{local}")
     if dev.type == "cuda":
@@ -103,3 +104,40 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=env.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def broadcast_object(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's picklable `obj` on every rank (a decision only rank 0 can make, e.g. the
+    state of the run folder it claimed). Pickle is safe here: the bytes come from rank 0 of
+    the same job, never from a file."""
+    if not env.distributed:
+        return obj
+    box = [obj if env.is_main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device | None:
+    """Check that `device` exists on this machine before any work; None stays None (auto).
+
+    >>> resolve_device("cpu")
+    device(type='cpu')
+    """
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"bad device {device!r}: {exc}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available on this machine; use cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {device!r}: MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device {device!r}: unsupported device type; use cpu, cuda or mps")
+    return dev

@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ntksap.attach import get_masks
+from ntksap.files import write_text
+from ntksap.masks import model_density
 from ntksap.training.checkpoint import (
     load_checkpoint,
     rng_state,
@@ -38,6 +41,23 @@ from ntksap.training.distributed import DistEnv, all_reduce_sum
 
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class DivergedError(ArithmeticError):
+    """The training loss became NaN or infinite: the run stopped (its last good checkpoint
+    is kept); retrying the same settings would diverge the same way."""
+
+    def __init__(self, epoch: int, loss: float) -> None:
+        super().__init__(
+            f"training diverged in epoch {epoch}: the loss became {loss} (lower --lr, add "
+            "--warmup-epochs, or check the mask for collapsed layers)"
+        )
+        self.epoch = epoch
+        self.loss = loss
+
+
+#: Steps between checks of the running loss for NaN/inf (each check is one device sync).
+DIVERGENCE_CHECK_STEPS = 50
 
 
 class Loader(Protocol):
@@ -103,7 +123,7 @@ def train_one_epoch(
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)
     correct = torch.zeros((), device=device, dtype=torch.float64)
     count = 0
-    for x, y in _progress(loader, len(loader), desc, progress):
+    for step, (x, y) in enumerate(_progress(loader, len(loader), desc, progress)):
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with _autocast(device, amp):
@@ -117,6 +137,9 @@ def train_one_epoch(
         loss_sum += loss.detach().double() * len(y)
         correct += (out.detach().argmax(1) == y).sum()
         count += len(y)
+        # stop early on NaN/inf rather than spend the rest of a long epoch on it
+        if (step + 1) % DIVERGENCE_CHECK_STEPS == 0 and not math.isfinite(float(loss_sum)):
+            break
     return EpochStats(float(loss_sum), float(correct), float(count))
 
 
@@ -147,18 +170,35 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl; a line that is not a JSON object (a torn last line of a
+    killed write) is skipped: the checkpoint, not this log, is the truth on resume."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
 def _truncate_metrics(path: Path, last_epoch: int) -> None:
-    """Drop metric lines past the checkpoint's epoch (written before a crash, then redone)."""
+    """Keep the metric rows up to the checkpoint's epoch (later ones were written before a
+    crash and are redone), dropping torn lines; atomic."""
     if not path.exists():
         return
-    keep = [
-        line
-        for line in path.read_text().splitlines()
-        if line.strip() and json.loads(line).get("epoch", 0) <= last_epoch
-    ]
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in keep))
-    tmp.replace(path)
+    keep = [r for r in read_metrics(path) if r.get("epoch", 0) <= last_epoch]
+    write_text(path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _finite_or_none(row: dict[str, Any]) -> dict[str, Any]:
+    """JSON has no NaN/inf: such a value (e.g. a test loss of inf) is written as null."""
+    return {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()
+    }
 
 
 def fit(
@@ -196,7 +236,7 @@ def fit(
     # NHWC convolutions are faster in oneDNN (CPU) and cuDNN alike: on by default.
     channels_last = True if cfg.channels_last is None else cfg.channels_last
     masks = get_masks(model)
-    density = masks.density if len(masks) else 1.0
+    density = model_density(model, masks)  # uncovered prunable tensors count as dense
 
     model = model.to(device)
     if channels_last:
@@ -263,7 +303,7 @@ def fit(
 
     last: dict[str, Any] = {}
     if start >= cfg.epochs and metrics_path is not None and metrics_path.exists():
-        lines = [json.loads(x) for x in metrics_path.read_text().splitlines() if x.strip()]
+        lines = read_metrics(metrics_path)
         last = lines[-1] if lines else {}
         log(f"the run in {out_dir} is already complete ({cfg.epochs} epochs)")
     for epoch in range(start, cfg.epochs):
@@ -276,6 +316,8 @@ def fit(
         )  # fmt: skip
         loss, correct, count = all_reduce_sum([st.loss, st.correct, st.count], env)
         seconds = time.perf_counter() - t0
+        if not math.isfinite(loss):  # every rank sees the same reduced sum: all stop
+            raise DivergedError(epoch + 1, loss / max(count, 1))
         row: dict[str, Any] = {
             "epoch": epoch + 1,
             "train_loss": loss / max(count, 1),
@@ -291,6 +333,8 @@ def fit(
             row.update(evaluate(_unwrap(net), test_loader, device, amp))
             if row["top1"] > best_top1:
                 best_top1, best_epoch = row["top1"], epoch + 1
+        row["wall_seconds"] = time.perf_counter() - t0  # train + evaluation
+        row = _finite_or_none(row)
         if env.is_main:
             msg = " ".join(
                 f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()

@@ -1,0 +1,176 @@
+"""Every bad input, from the command line or the library, is a clear error before any work:
+no model forward, no file or folder written. One table; each row is (how it is called, the
+words the message must contain)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import ntksap
+from ntksap.cli import main
+from ntksap.masks import Masks
+from ntksap.models import create
+
+PRUNE = ["prune", "--model", "lenet5", "--method", "magnitude"]
+RUN = ["run", "--dataset", "digits", "--model", "lenet5", "--method", "magnitude"]
+SPEC = ["spectrum", "--model", "lenet5", "--samples", "10"]
+
+
+def _library(call):
+    return ("library", call)
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
+
+
+CASES: list[tuple[str, object, list[str]]] = [
+    # --- command line: prune ---
+    ("prune nan sparsity", [*PRUNE, "--sparsity", "nan"], ["finite"]),
+    ("prune sparsity 1", [*PRUNE, "--sparsity", "1"], ["sparsity must be in [0, 1)"]),
+    ("prune density 0", [*PRUNE, "--density", "0"], ["density must be in (0, 1]"]),
+    ("prune inf compression", [*PRUNE, "--compression", "inf"], ["finite"]),
+    ("prune unknown method", [*PRUNE[:3], "--method", "foo", "--sparsity", ".5"], ["snip"]),
+    ("prune unknown model", ["prune", "--model", "foo", "--sparsity", ".5"], ["resnet20"]),
+    ("prune nan epsilon", [*PRUNE[:3], "--sparsity", ".5", "--epsilon", "nan"], ["finite"]),
+    ("prune option of another method",
+     [*PRUNE, "--sparsity", ".5", "--temperature", "3"], ["not an option of method"]),
+    ("prune bad init", [*PRUNE[:3], "--sparsity", ".5", "--init", "zeros"], ["kaiming"]),
+    ("prune data method without data",
+     [*PRUNE[:3], "--method", "snip", "--sparsity", ".5"], ["needs data", "--dataset"]),
+    ("prune bad suffix", [*PRUNE, "--sparsity", ".5", "--out", "m.npz"], [".safetensors"]),
+    ("prune out exists", [*PRUNE, "--sparsity", ".5", "--out", "exists.safetensors"],
+     ["--overwrite"]),
+    ("prune cuda", [*PRUNE, "--sparsity", ".5", "--device", "cuda:7"], ["cuda"]),
+    ("prune bad shape", [*PRUNE, "--sparsity", ".5", "--input-shape", "0,8,8"], ["bad input"]),
+    ("prune seed", [*PRUNE, "--sparsity", ".5", "--seed", "-3"], ["seed"]),
+    ("prune rounds 0", [*PRUNE, "--sparsity", ".5", "--rounds", "0"], [">= 1"]),
+    ("prune exclude nothing", [*PRUNE, "--sparsity", ".5", "--exclude", "zz*"],
+     ["matches no parameter"]),
+    # --- command line: run / train ---
+    ("run lr nan", [*RUN, "--sparsity", ".5", "--lr", "nan", "--out", "r"], ["finite"]),
+    ("run lr inf", [*RUN, "--sparsity", ".5", "--lr", "inf", "--out", "r"], ["finite"]),
+    ("run lr negative", [*RUN, "--sparsity", ".5", "--lr", "-1", "--out", "r"], ["positive"]),
+    ("run wd inf", [*RUN, "--sparsity", ".5", "--weight-decay", "inf", "--out", "r"],
+     ["finite"]),
+    ("run momentum 2", [*RUN, "--sparsity", ".5", "--momentum", "2", "--out", "r"],
+     ["momentum must be in [0, 1]"]),
+    ("run warmup > epochs", [*RUN, "--sparsity", ".5", "--epochs", "2", "--warmup-epochs", "5",
+                             "--out", "r"], ["warmup_epochs"]),
+    ("run milestones", [*RUN, "--sparsity", ".5", "--milestones", "9,3", "--out", "r"],
+     ["milestones must be increasing"]),
+    ("run seed", [*RUN, "--sparsity", ".5", "--seed", str(2**40), "--out", "r"], ["seed"]),
+    ("run epochs 0", [*RUN, "--sparsity", ".5", "--epochs", "0", "--out", "r"], [">= 1"]),
+    ("run cuda", [*RUN, "--sparsity", ".5", "--device", "cuda", "--out", "r"], ["CUDA"]),
+    ("run workers", [*RUN, "--sparsity", ".5", "--workers", "-1", "--out", "r"], [">= 0"]),
+    ("run out in a file", [*RUN, "--sparsity", ".5", "--out", "exists.safetensors/r"],
+     ["exists.safetensors"]),
+    ("run resamples 0", [*RUN[:-1], "ntksap", "--sparsity", ".5", "--resamples", "0",
+                         "--out", "r"], [">= 1"]),
+    ("train missing mask", ["train", "--dataset", "digits", "--model", "lenet5",
+                            "--mask", "nope.safetensors", "--out", "r"], ["not found"]),
+    ("train foreign mask", ["train", "--dataset", "digits", "--model", "lenet5",
+                            "--mask", "r20.safetensors", "--out", "r"], ["resnet20"]),
+    ("run unknown preset", ["run", "--preset", "x", "--sparsity", ".5", "--out", "r"],
+     ["invalid choice"]),
+    # --- command line: spectrum ---
+    ("spectrum nan epsilon", [*SPEC, "--epsilon", "nan"], ["finite"]),
+    ("spectrum data method on noise", [*SPEC, "--methods", "snip,random"], ["real data"]),
+    ("spectrum out-dir files exist", [*SPEC, "--methods", "random", "--out-dir", "spec"],
+     ["--overwrite"]),
+    ("spectrum samples 0", [*SPEC, "--samples", "0"], [">= 1"]),
+    ("spectrum masks + sparsity", [*SPEC, "--masks", "r20.safetensors", "--sparsity", ".5"],
+     ["would be ignored"]),
+    ("spectrum foreign mask", [*SPEC, "--masks", "r20.safetensors"], ["resnet20"]),
+    ("spectrum duplicate method", [*SPEC, "--methods", "random,random"], ["twice"]),
+    # --- library ---
+    ("prune nan", _library(lambda: ntksap.prune(_net(), "random", density=float("nan"))),
+     ["density must be a number"]),
+    ("prune epsilon inf", _library(lambda: ntksap.prune(_net(), "ntksap", density=0.5,
+     input_shape=(1, 4, 4), epsilon=float("inf"))), ["epsilon"]),
+    ("prune unknown option", _library(lambda: ntksap.prune(_net(), "random", density=0.5,
+     epsilon=0.1)), ["unknown option"]),
+    ("prune data method without data", _library(lambda: ntksap.prune(_net(), "snip",
+     density=0.5)), ["needs data"]),
+    ("prune bad schedule", _library(lambda: ntksap.prune(_net(), "random", density=0.5,
+     schedule="cubic")), ["exponential"]),
+    ("prune rounds float", _library(lambda: ntksap.prune(_net(), "random", density=0.5,
+     rounds=2.0)), ["rounds"]),
+    ("prune bad input_shape", _library(lambda: ntksap.prune(_net(), "synflow", density=0.5,
+     input_shape=(1, -4, 4))), ["input_shape"]),
+    ("run lr nan", _library(lambda: ntksap.run("r", dataset="digits", method="random",
+     density=0.5, train={"lr": float("nan")})), ["finite"]),
+    ("run unknown setting", _library(lambda: ntksap.run("r", dataset="digits", method="random",
+     density=0.5, train={"learning_rate": 0.1})), ["unknown training setting"]),
+    ("run mask and method", _library(lambda: ntksap.run("r", dataset="digits", method="random",
+     density=0.5, mask="r20.safetensors")), ["not both"]),
+    ("run unknown dataset", _library(lambda: ntksap.run("r", dataset="mnist", method="random",
+     density=0.5)), ["mnist5k"]),
+    ("run bad option", _library(lambda: ntksap.run("r", dataset="digits", method="ntksap",
+     density=0.5, options={"resamples": 0})), ["resamples"]),
+    ("run device", _library(lambda: ntksap.run("r", dataset="digits", method="random",
+     density=0.5, device="cuda:3")), ["cuda"]),
+    ("masks metadata", _library(lambda: Masks({"w": torch.ones(2, dtype=torch.bool)},
+     {"model": 3})), ["'model' must be str"]),
+]  # fmt: skip
+
+
+@pytest.fixture
+def forwards(monkeypatch) -> list[int]:
+    """Counts every nn.Module call (any model, any copy) during the test."""
+    calls: list[int] = []
+    original = nn.Module.__call__
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "__call__", counting)
+    return calls
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*") if p.is_file()} | {
+        str(p.relative_to(root)) + "/": b"" for p in root.rglob("*") if p.is_dir()
+    }
+
+
+@pytest.mark.parametrize(("label", "call", "words"), CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_a_clear_error_before_any_work(
+    label, call, words, tmp_path, monkeypatch, capsys, forwards
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("exists.safetensors").write_bytes(b"keep me")
+    (tmp_path / "spec").mkdir()
+    (tmp_path / "spec" / "spectrum.json").write_text("{}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        r20 = ntksap.prune(create("resnet20"), "random", density=0.5)
+    r20.save("r20.safetensors")
+    forwards.clear()
+    before = _snapshot(tmp_path)
+    if isinstance(call, tuple):
+        with pytest.raises((ValueError, TypeError, OSError)) as info:
+            call[1]()
+        message = str(info.value)
+    else:
+        try:
+            code = main(call)
+        except SystemExit as exc:
+            code = exc.code
+        message = capsys.readouterr().err
+        assert code == 2, message
+        assert "Traceback" not in message
+    for word in words:
+        assert word in message, (word, message)
+    assert not forwards, f"{len(forwards)} module call(s) before the error"
+    assert _snapshot(tmp_path) == before, "a file or folder was written"
+
+
+def test_the_table_is_big() -> None:
+    """The closing note reports this number."""
+    assert len(CASES) >= 50
