@@ -141,3 +141,38 @@ def test_calibrate_batchnorm_uses_the_pruned_networks_batch_statistics():
     assert (cal[0].weight[~masks["0.weight"]] == 0).all()
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k]), k  # the original is untouched
+
+
+def test_cli_spectrum_labels_data_methods_and_overwrite(tmp_path, capsys):
+    """Two mask files named alike give two rows; data methods score real (or declared
+    synthetic) data; an out-dir's files are never replaced without --overwrite."""
+    import json
+
+    from ntksap.cli import main
+
+    net = ntksap.models.create("lenet5", num_classes=4, in_channels=1)
+    paths = []
+    for sub, method in (("a", "magnitude"), ("b", "random")):
+        paths.append(
+            ntksap.prune(net, method, sparsity=0.8).save(tmp_path / sub / "mask.safetensors")
+        )
+    base = ["spectrum", "--model", "lenet5", "--num-classes", "4", "--input-shape", "1,8,8",
+            "--samples", "4", "--fd-draws", "2"]  # fmt: skip
+    out = tmp_path / "m"
+    assert main([*base, "--masks", *map(str, paths), "--out-dir", str(out)]) == 0
+    rows = json.loads((out / "spectrum.json").read_text())["rows"]
+    assert [r["network"] for r in rows] == ["dense", "a/mask", "b/mask"]
+    assert rows[1]["density"] == rows[2]["density"] and rows[1]["trace"] != rows[2]["trace"]
+    before = (out / "spectrum.json").read_bytes()
+    assert main([*base, "--masks", str(paths[0]), "--out-dir", str(out)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "spectrum.json").read_bytes() == before
+    assert main([*base, "--masks", str(paths[0]), "--out-dir", str(out), "--overwrite"]) == 0
+    # a data method with --dataset synthetic: said in the output and in the JSON
+    syn = tmp_path / "s"
+    argv = ["spectrum", "--model", "lenet5", "--samples", "20", "--fd-draws", "2",
+            "--methods", "snip", "--dataset", "synthetic", "--input-shape", "1,8,8",
+            "--out-dir", str(syn)]  # fmt: skip
+    assert main(argv) == 0
+    assert "SYNTHETIC" in capsys.readouterr().out
+    assert "SYNTHETIC" in json.loads((syn / "spectrum.json").read_text())["inputs"]

@@ -22,7 +22,7 @@ from ntksap.pruning import (
 )
 from ntksap.registry import UnknownNameError
 from ntksap.reinit import reinitialize
-from ntksap.scoring import get_method, list_methods, register_method
+from ntksap.scoring import Option, get_method, list_methods, register_method
 from ntksap.targets import prunable_parameters
 
 
@@ -39,6 +39,7 @@ def __getattr__(name: str):
 __all__ = [
     "LayerCollapseWarning",
     "MaskError",
+    "Option",
     "Masks",
     "UnknownNameError",
     "__version__",
