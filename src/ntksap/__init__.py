@@ -39,8 +39,8 @@ def __getattr__(name: str):
 __all__ = [
     "LayerCollapseWarning",
     "MaskError",
-    "Option",
     "Masks",
+    "Option",
     "UnknownNameError",
     "__version__",
     "apply_masks",
