@@ -312,3 +312,12 @@ def test_pruning_an_already_masked_model_is_refused(convnet):
         prune_fast(convnet, "magnitude", sparsity=0.5)
     with pytest.raises(MaskError, match="already has a parametrization"):
         ntksap.apply_masks(convnet, masks)
+
+
+def test_save_load_keeps_the_tensor_order(tmp_path):
+    """safetensors sorts names; the masks (and so layer tables and collapse lists) keep the
+    model's order through a round trip (a resumed run's layers.txt was reordered)."""
+    order = ["features.0.weight", "fc1.weight", "aaa.weight"]
+    masks = Masks({n: torch.ones(2, dtype=torch.bool) for n in order})
+    for suffix in (".safetensors", ".pt"):
+        assert list(Masks.load(masks.save(tmp_path / f"m{suffix}"))) == order

@@ -259,7 +259,13 @@ class Masks(Mapping[str, torch.Tensor]):
         path = Path(path)
         suffix = path.suffix.lower()
         tensors = {k: m.detach().cpu().contiguous() for k, m in self._masks.items()}
-        meta = {"format": "ntksap.masks/1", "metadata": json.dumps(self.metadata, default=str)}
+        meta = {
+            "format": "ntksap.masks/1",
+            "metadata": json.dumps(self.metadata, default=str),
+            # safetensors lists tensors sorted by name; keep the model's order (tables,
+            # collapse lists) across a save/load round trip
+            "order": json.dumps(list(self._masks)),
+        }
         if suffix in SAFETENSORS_SUFFIXES:
             from safetensors.torch import save
 
@@ -308,6 +314,12 @@ class Masks(Mapping[str, torch.Tensor]):
         except json.JSONDecodeError as exc:
             raise MaskError(f"{path}: mask metadata is not valid JSON: {exc}") from exc
         check_metadata(metadata, str(path))
+        try:
+            order = json.loads(meta.get("order", "[]"))
+        except (TypeError, json.JSONDecodeError):
+            order = []
+        if isinstance(order, list) and sorted(map(str, order)) == sorted(tensors):
+            tensors = {k: tensors[k] for k in order}
         return cls(tensors, metadata)
 
     @classmethod
