@@ -121,23 +121,3 @@ def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
-
-
-def check_writable(folder: str | os.PathLike[str]) -> Path:
-    """Create `folder` if needed and prove it is writable (before any long work).
-
-    Raises PermissionError / OSError naming the folder.
-    """
-    folder = Path(folder)
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".ntksap-write-test.tmp{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except FileExistsError:
-        raise NotADirectoryError(f"{folder} exists and is not a folder") from None
-    except PermissionError:
-        raise PermissionError(f"cannot write to {folder}: permission denied") from None
-    except OSError as exc:
-        raise OSError(exc.errno, f"cannot write to {folder}: {exc.strerror or exc}") from None
-    return folder

@@ -282,16 +282,10 @@ def resolve_train_config(
 
 
 def check_method_options(method: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """`options` validated against `method`'s declared options (before any work)."""
-    meth = get_method(method)
-    unknown = sorted(set(options) - set(meth.options))
-    if unknown:
-        valid = ", ".join(meth.options) or "none"
-        raise ValueError(f"unknown option(s) {unknown} for method {meth.name!r}; valid: {valid}")
-    checked = {k: meth.options[k].check(meth.name, val) for k, val in options.items()}
-    if meth.validate is not None:
-        meth.validate({**meth.defaults, **checked})
-    return checked
+    """`options` validated against `method`'s declared options (before any work); only the
+    given ones are returned, so config.json records what was asked for."""
+    resolved = get_method(method).resolve_options(options)  # names, values, cross-checks
+    return {k: resolved[k] for k in options}
 
 
 # ---------------------------------------------------------------------------------------
