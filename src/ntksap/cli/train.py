@@ -44,8 +44,9 @@ def _int_list(text: str) -> tuple[int, ...]:
         ) from None
 
 
-def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    """Data, preset, every TrainConfig field as a flag, run folder, distributed options."""
+def add_training_arguments(p: argparse.ArgumentParser, *, run_folder: bool = True) -> None:
+    """Data, preset, every TrainConfig field as a flag, run folder (`run_folder`: --out,
+    --resume, --device, --progress), distributed options."""
     g = p.add_argument_group("data")
     g.add_argument(
         "--dataset",
@@ -81,6 +82,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--reinit", action="store_true", help="re-initialise weights after pruning (ablation)"
     )
+    if not run_folder:
+        return
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, required=True, help="the run folder")
     o.add_argument(

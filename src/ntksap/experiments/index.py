@@ -1,0 +1,233 @@
+"""The results index of a sweep folder: one SQLite row per run, rebuilt from the run folders.
+
+The run folders are the truth; `index.sqlite` (stdlib sqlite3, write-ahead log) is a
+queryable copy of what they say: config hash, method, density, seed, the sweep's axes, status,
+error, times and results. It is refreshed from the folders (`Index.sync`) by the process that
+drives a sweep on one machine and by `ntksap report`, and can be deleted and rebuilt at any
+time (`Index.rebuild`, `ntksap report --rebuild`). Shard processes and cluster jobs never
+write it: they write only their own run folders (SQLite over a network file system is not
+safe with several writers), and the next sync merges them.
+
+Example:
+    >>> idx = Index("sweeps/m5k")  # doctest: +SKIP
+    >>> idx.sync()  # doctest: +SKIP
+    18
+    >>> [r["status"] for r in idx.rows()][:2]  # doctest: +SKIP
+    ['finished', 'finished']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from ntksap.experiments.records import Record, find_run_folders, read_record
+from ntksap.files import read_json
+from ntksap.runs import CONFIG_FILE, METRICS_FILE, RESULT_FILE
+
+INDEX_FILE = "index.sqlite"
+SWEEP_FILE = "sweep.json"
+RUNS_DIR = "runs"
+SCHEMA_VERSION = 1
+
+#: config.json entries that do not define the experiment (software, machine, data location).
+NOT_HASHED = ("versions", "world_size", "data_dir")
+
+_COLUMNS = {
+    "name": "TEXT PRIMARY KEY",
+    "folder": "TEXT NOT NULL",
+    "hash": "TEXT",
+    "method": "TEXT",
+    "density": "REAL",
+    "sparsity": "REAL",
+    "seed": "INTEGER",
+    "axes": "TEXT",  # JSON object: the sweep's axis values of this run
+    "status": "TEXT NOT NULL",
+    "error": "TEXT",
+    "started": "REAL",  # unix time config.json was written
+    "ended": "REAL",  # unix time result.json was written
+    "prune_seconds": "REAL",
+    "train_seconds": "REAL",
+    "epochs_done": "INTEGER",
+    "final_top1": "REAL",
+    "best_top1": "REAL",
+    "measured_density": "REAL",
+    "config": "TEXT",  # JSON
+    "result": "TEXT",  # JSON or NULL
+    "signature": "TEXT",  # file mtimes and sizes when read: unchanged -> not re-read
+    "indexed": "REAL",
+}
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Short hash of a run's settings: config.json (or `RunRequest.settings()`) without the
+    entries that do not define the experiment. Key order does not matter.
+
+    >>> config_hash({"model": "lenet5", "versions": {"torch": "2.13"}}) == config_hash(
+    ...     {"model": "lenet5"})
+    True
+    """
+    settings = {k: val for k, val in config.items() if k not in NOT_HASHED}
+    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+def _signature(folder: Path) -> str:
+    parts = []
+    for name in (CONFIG_FILE, RESULT_FILE, METRICS_FILE):
+        try:
+            st = (folder / name).stat()
+            parts.append(f"{st.st_mtime_ns}:{st.st_size}")
+        except OSError:
+            parts.append("-")
+    return "|".join(parts)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
+
+
+def axis_keys(sweep_dir: Path) -> list[str]:
+    """The axis names recorded in the sweep folder's sweep.json ([] when there is none)."""
+    try:
+        spec = read_json(sweep_dir / SWEEP_FILE)
+    except (OSError, ValueError):
+        return []
+    return list(spec.get("axis_paths", {}).values()) if isinstance(spec, dict) else []
+
+
+def _dig(config: dict[str, Any], dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def row_of(rec: Record, axis_paths: Iterable[str] = ()) -> dict[str, Any]:
+    """The index row of one run record (`axis_paths`: dotted config keys of the sweep's axes)."""
+    res = rec.result or {}
+    return {
+        "name": rec.name,
+        "folder": str(rec.folder),
+        "hash": config_hash(rec.config) if rec.config else None,
+        "method": rec.method if rec.config else None,
+        "density": rec.density if rec.config else None,
+        "sparsity": rec.sparsity if rec.config else None,
+        "seed": rec.seed if rec.config else None,
+        "axes": json.dumps({p: _dig(rec.config, p) for p in axis_paths}, default=str),
+        "status": rec.status,
+        "error": res.get("error"),
+        "started": _mtime(rec.folder / CONFIG_FILE),
+        "ended": _mtime(rec.folder / RESULT_FILE) if rec.result is not None else None,
+        "prune_seconds": res.get("prune_seconds"),
+        "train_seconds": res.get("train_seconds"),
+        "epochs_done": res.get("epochs_done"),
+        "final_top1": res.get("final_top1"),
+        "best_top1": res.get("best_top1"),
+        "measured_density": res.get("density"),
+        "config": json.dumps(rec.config, sort_keys=True),
+        "result": json.dumps(rec.result, sort_keys=True) if rec.result is not None else None,
+        "signature": _signature(rec.folder),
+        "indexed": time.time(),
+    }
+
+
+class Index:
+    """The SQLite index of one sweep folder (created on first use).
+
+    Concurrent readers and writers on one machine are fine (WAL, 60 s busy timeout).
+    """
+
+    def __init__(self, sweep_dir: str | os.PathLike[str]) -> None:
+        self.sweep_dir = Path(sweep_dir)
+        self.path = self.sweep_dir / INDEX_FILE
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.path, timeout=60.0)
+        try:
+            con.row_factory = sqlite3.Row
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            cols = ", ".join(f"{k} {t}" for k, t in _COLUMNS.items())
+            con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+            con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+            with con:  # one transaction per `with` block of the caller
+                yield con
+        finally:
+            con.close()
+
+    def folders(self) -> list[Path]:
+        """The run folders of this sweep (under runs/)."""
+        runs_dir = self.sweep_dir / RUNS_DIR
+        return find_run_folders([runs_dir]) if runs_dir.is_dir() else []
+
+    def sync(self, folders: Iterable[str | os.PathLike[str]] | None = None) -> int:
+        """Bring the rows of `folders` (default: every run folder of the sweep, and rows of
+        folders that no longer exist are dropped) up to date; returns how many were re-read."""
+        everything = folders is None
+        paths = self.folders() if folders is None else [Path(f).resolve() for f in folders]
+        axis_paths = axis_keys(self.sweep_dir)
+        changed = 0
+        with self.connect() as con:
+            known = {
+                r["folder"]: r["signature"]
+                for r in con.execute("SELECT folder, signature FROM runs")
+            }
+            for folder in paths:
+                if known.get(str(folder)) == _signature(folder) and folder.is_dir():
+                    continue
+                row = row_of(read_record(folder), axis_paths)
+                keys = ", ".join(row)
+                marks = ", ".join("?" for _ in row)
+                sql = f"INSERT OR REPLACE INTO runs ({keys}) VALUES ({marks})"
+                con.execute(sql, tuple(row.values()))
+                changed += 1
+            if everything:
+                present = {str(p) for p in paths}
+                for gone in set(known) - present:
+                    con.execute("DELETE FROM runs WHERE folder = ?", (gone,))
+        return changed
+
+    def rebuild(self) -> int:
+        """Delete the index and build it again from the run folders; returns the row count."""
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(str(self.path) + suffix).unlink()
+        return self.sync()
+
+    def rows(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Rows as dicts (axes, config and result decoded), ordered by name."""
+        if not self.path.exists():
+            return []
+        with self.connect() as con:
+            cur = con.execute(f"SELECT * FROM runs {where} ORDER BY name", params)
+            out = [dict(r) for r in cur]
+        for r in out:
+            for key in ("axes", "config", "result"):
+                r[key] = json.loads(r[key]) if r[key] is not None else None
+        return out
+
+    def counts(self) -> dict[str, int]:
+        """Number of runs per status."""
+        if not self.path.exists():
+            return {}
+        with self.connect() as con:
+            return dict(con.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+
+
+__all__ = ["INDEX_FILE", "RUNS_DIR", "SWEEP_FILE", "Index", "axis_keys", "config_hash", "row_of"]

@@ -1,0 +1,162 @@
+"""Run records: what a report or an index knows about one run folder, read from its files.
+
+The run folders are the truth (`ntksap.runs`); everything here is read from them, never
+cached elsewhere. A record carries the folder's config.json, result.json (None until the run
+ends) and status, and names the settings a report groups by.
+
+Example:
+    >>> recs = [read_record(p) for p in find_run_folders(["sweeps/m5k"])]  # doctest: +SKIP
+    >>> recs[0].method, recs[0].sparsity, recs[0].seed, recs[0].top1  # doctest: +SKIP
+    ('ntksap', 0.98, 0, 91.2)
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ntksap.files import read_json
+from ntksap.runs import CONFIG_FILE, RESULT_FILE, status
+
+#: config.json keys that never define an experiment cell (software, location, seed, density).
+NOT_GROUPING = (
+    "versions",
+    "world_size",
+    "data_dir",
+    "command",
+    "mask",
+    "mask_metadata",
+    "prune.density",
+    "prune.seed",
+    "train.seed",
+    "train.preset",
+)
+
+
+@dataclass
+class Record:
+    """One run folder as read from disk.
+
+    Attributes:
+        name: the folder's name (a sweep names it `<readable>-<hash>`).
+        folder: its path.
+        status: `ntksap.runs.status`: new, incomplete, finished, diverged, failed, interrupted.
+        config: config.json ({} when absent).
+        result: result.json, or None until the run ends.
+    """
+
+    name: str
+    folder: Path
+    status: str
+    config: dict[str, Any]
+    result: dict[str, Any] | None
+
+    @property
+    def method(self) -> str:
+        """The pruning method ("dense" for a run without one, "mask" for a given mask)."""
+        prune = self.config.get("prune")
+        if prune:
+            return str(prune["method"])
+        return "mask" if self.config.get("mask") else "dense"
+
+    @property
+    def density(self) -> float:
+        """The requested density (1.0 dense); `result["density"]` is the measured one."""
+        prune = self.config.get("prune")
+        if prune:
+            return float(prune["density"])
+        if self.result and self.result.get("density") is not None:
+            return float(self.result["density"])
+        return 1.0
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    @property
+    def seed(self) -> int:
+        return int(self.config.get("train", {}).get("seed", 0))
+
+    @property
+    def top1(self) -> float | None:
+        """Final top-1 (%) of a finished run, else None."""
+        if self.result is None or self.status != "finished":
+            return None
+        value = self.result.get("final_top1")
+        return None if value is None else float(value)
+
+    def settings(self) -> dict[str, Any]:
+        """config.json flattened to dotted keys ("train.lr", "prune.options.resamples")."""
+        return flatten(self.config)
+
+    def grouping(self) -> dict[str, Any]:
+        """The flattened settings that define the cell, minus density and seeds."""
+        return {
+            k: val
+            for k, val in self.settings().items()
+            if not any(k == skip or k.startswith(skip + ".") for skip in NOT_GROUPING)
+        }
+
+
+def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}, "c": [1, 2]} -> {"a.b": 1, "c": (1, 2)} (lists become tuples, hashable).
+
+    >>> flatten({"train": {"lr": 0.1, "milestones": [80, 120]}, "model": "resnet20"})
+    {'train.lr': 0.1, 'train.milestones': (80, 120), 'model': 'resnet20'}
+    """
+    out: dict[str, Any] = {}
+    for key, val in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(val, Mapping):
+            out.update(flatten(val, name + "."))
+        elif isinstance(val, list):
+            out[name] = tuple(val)
+        else:
+            out[name] = val
+    return out
+
+
+def read_record(folder: str | os.PathLike[str]) -> Record:
+    """The record of one run folder (a torn or missing file reads as absent, never raises)."""
+    folder = Path(folder)
+    state = status(folder)
+
+    def load(name: str) -> dict[str, Any] | None:
+        try:
+            data = read_json(folder / name)
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    return Record(
+        name=folder.name,
+        folder=folder,
+        status=state,
+        config=load(CONFIG_FILE) or {},
+        result=load(RESULT_FILE) if state not in ("new", "incomplete") else None,
+    )
+
+
+def find_run_folders(dirs: Iterable[str | os.PathLike[str]]) -> list[Path]:
+    """Every run folder (a folder with config.json) in or under `dirs`, sorted, once each.
+
+    A directory may be a run folder itself, a sweep folder (runs under `runs/`), or any
+    folder holding either. A path that does not exist is an error (FileNotFoundError).
+    """
+    found: set[Path] = set()
+    for d in dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise FileNotFoundError(f"{d} is not a folder (give sweep or run folders)")
+        if (d / CONFIG_FILE).is_file():
+            found.add(d.resolve())
+            continue
+        for cfg in d.rglob(CONFIG_FILE):
+            found.add(cfg.parent.resolve())
+    return sorted(found)
+
+
+__all__ = ["NOT_GROUPING", "Record", "find_run_folders", "flatten", "read_record"]
