@@ -43,6 +43,7 @@ def test_every_method_declares_typed_options_with_help():
             "num_samples": (int, None),
             "batch_size": (int, 256),
             "init": (str, "auto"),
+            "inputs": (str, "noise"),
         },
         "grasp": {"temperature": (float, 200.0)},
         "synflow": {"precision": (str, "auto")},

@@ -463,6 +463,31 @@ def _model_facts(model: nn.Module) -> tuple[str, dict[str, Any] | None]:
     return type(model).__name__, None
 
 
+def _missing_data_message(meth: Method, opts: dict[str, Any]) -> str:
+    """Why `meth` with the resolved `opts` needs data, and the fix.
+
+    A method that reads data only because of some options (NTK-SAP's inputs="data") names
+    those options and their data-free defaults, since dropping them is the other fix.
+    """
+    if not meth.needs_data:
+        culprits = [
+            o for o in meth.options if not meth.needs_data_for({**opts, o: meth.options[o].default})
+        ]
+        if culprits:
+            given = ", ".join(f"{o}={opts[o]!r}" for o in culprits)
+            back = ", ".join(f"{o}={meth.options[o].default!r}" for o in culprits)
+            return (
+                f"method {meth.name!r} with {given} reads real inputs: pass "
+                "data=[(inputs, targets), ...] (e.g. ntksap.data.prune_batches(ds)), or use "
+                f"{back} (the default) to run without data"
+            )
+    free = [n for n in list_methods() if not get_method(n).needs_data_for()]
+    return (
+        f"method {meth.name!r} needs data=[(inputs, targets), ...]; "
+        f"the data-free methods are: {', '.join(free)}"
+    )
+
+
 @dataclass
 class _Setup:
     """Validated inputs of one pruning job, and the private model copy it works on."""
@@ -504,12 +529,8 @@ def _setup(
     validate.boolean("include_bias", include_bias)
     if output_fn is not None and not callable(output_fn):
         raise TypeError(f"output_fn must be a function of the model's output, got {output_fn!r}")
-    if meth.needs_data and data is None:
-        free = [n for n in list_methods() if not get_method(n).needs_data]
-        raise ValueError(
-            f"method {meth.name!r} needs data=[(inputs, targets), ...]; "
-            f"the data-free methods are: {', '.join(free)}"
-        )
+    if data is None and meth.needs_data_for(opts):
+        raise ValueError(_missing_data_message(meth, opts))
     targets = prunable_parameters(
         model, include_bias=include_bias, exclude=exclude, include=include
     )
@@ -726,9 +747,10 @@ def prune(
         density / sparsity: exactly one; density = fraction of prunable weights kept.
         input_shape: one input's shape without batch dim, e.g. (3, 32, 32). Needed by the
             data-free methods that feed inputs (ntksap, synflow) unless `data` is given.
-        data: iterable of (inputs, targets) batches; needed by snip, itersnip, grasp.
-            (Data-free methods only read the input shape from it.) Floating batches are
-            cast to the compute dtype.
+        data: iterable of (inputs, targets) batches; needed by snip, itersnip, grasp, and
+            by ntksap with inputs="data" (which reads only the inputs). (Data-free methods
+            only read the input shape from it.) Floating batches are cast to the compute
+            dtype.
         rounds: pruning rounds T (default: the method's paper value, e.g. ntksap 20).
         schedule: "exponential" (d_t = d^(t/T)) or "linear".
         scope: "global" (one ranking over all tensors) or "local" (per tensor).
@@ -743,7 +765,7 @@ def prune(
             that output to the logits tensor (batch, outputs), e.g.
             `output_fn=lambda out: out.logits`. Every method scores through it.
         **options: method options, e.g. ntksap `epsilon`, `resamples`, `num_samples`,
-            `batch_size`, `init`; grasp `temperature`; synflow `precision` (see
+            `batch_size`, `init`, `inputs`; grasp `temperature`; synflow `precision` (see
             `ntksap.get_method(name).options` for types, defaults and help).
 
     Returns:

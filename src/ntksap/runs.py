@@ -189,8 +189,9 @@ def config_differences(saved: Any, now: Any, prefix: str = "") -> list[str]:
     return [] if saved == now else [f"{prefix}: {saved!r} -> {now!r}"]
 
 
-#: Entries of config.json that describe the software, not the experiment.
-_NOT_SETTINGS = ("versions",)
+#: Entries of config.json that describe the software or the machine, not the experiment: a
+#: run resumed on another machine may find its data set in another folder.
+_NOT_SETTINGS = ("versions", "data_dir")
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,6 +213,14 @@ class RunRequest:
     mask: Masks | None = None
     mask_path: Path | None = None
     reinit: bool = False
+
+    def settings(self) -> dict[str, Any]:
+        """What defines the experiment: config.json without the software versions, the world
+        size and the data location (a sweep names its run folders by a hash of this)."""
+        cfg = self.config(1)
+        for key in ("versions", "world_size", "data_dir"):
+            cfg.pop(key, None)
+        return cfg
 
     def config(self, world_size: int) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -291,6 +300,89 @@ def check_method_options(method: str, options: Mapping[str, Any]) -> dict[str, A
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
+def prepare(
+    out: str | os.PathLike[str],
+    *,
+    preset: str | None = None,
+    model: str | None = None,
+    dataset: str | None = None,
+    data_dir: str | os.PathLike[str] | None = None,
+    method: str | None = "ntksap",
+    density: float | None = None,
+    sparsity: float | None = None,
+    mask: str | os.PathLike[str] | Masks | None = None,
+    rounds: int | None = None,
+    schedule: str = "exponential",
+    scope: str = "global",
+    include_bias: bool = False,
+    exclude: Sequence[str] = (),
+    include: Sequence[str] = (),
+    invert: bool = False,
+    shuffle: bool = False,
+    options: Mapping[str, Any] | None = None,
+    train: TrainConfig | Mapping[str, Any] | None = None,
+    seed: int | None = None,
+    reinit: bool = False,
+    log: Callable[[str], None] = print,
+) -> RunRequest:
+    """Validate a run's settings without doing any work: the `RunRequest` that `run` executes.
+
+    Takes `run`'s setting arguments (not device, workers, resume, sync_bn, progress); sweeps
+    call it for every cell before starting any, and hash `RunRequest.settings()`.
+
+    >>> req = prepare("runs/x", dataset="digits", method="snip", sparsity=0.5, log=lambda m: None)
+    >>> req.model, req.method, req.density, req.train.epochs
+    ('lenet5', 'snip', 0.5, 30)
+    """
+    # --- validate everything before any work --------------------------------------------
+    cfg, model_name, dataset_name = resolve_train_config(
+        preset, dataset, model, train, seed if seed is not None else None, log
+    )
+    req = RunRequest(
+        out=Path(out),
+        model=model_name,
+        dataset=dataset_name,
+        data_dir=Path(data_dir) if data_dir is not None else None,
+        train=cfg,
+        reinit=v.boolean("reinit", reinit),
+    )
+    if method is not None and mask is not None:
+        raise ValueError("give a method to prune with, or a mask to train with, not both")
+    if method is not None:
+        meth = get_method(method)
+        req.method = meth.name
+        req.density = resolve_density(density, sparsity)
+        if rounds is not None:
+            v.positive_int("rounds", rounds)
+        v.choice("schedule", schedule, SCHEDULES)
+        v.choice("scope", scope, SCOPES)
+        req.options = check_method_options(meth.name, options or {})
+        req.prune_settings = {
+            "rounds": rounds,
+            "schedule": schedule,
+            "scope": scope,
+            "seed": cfg.seed,
+            "include_bias": v.boolean("include_bias", include_bias),
+            "exclude": list(exclude),
+            "include": list(include),
+            "invert": v.boolean("invert", invert),
+            "shuffle": v.boolean("shuffle", shuffle),
+        }
+    else:
+        if density is not None or sparsity is not None or options:
+            raise ValueError("density, sparsity and options need a method (method=None given)")
+        if mask is not None:
+            req.mask = mask if isinstance(mask, Masks) else Masks.load(mask)
+            req.mask_path = None if isinstance(mask, Masks) else Path(mask)
+            made_for = req.mask.metadata.get("model")
+            if made_for is not None and made_for != model_name:
+                raise ValueError(
+                    f"the mask {req.mask_path or ''} was made for model {made_for!r}, not "
+                    f"{model_name!r}"
+                )
+    return req
+
+
 def run(
     out: str | os.PathLike[str],
     *,
@@ -346,52 +438,27 @@ def run(
         ValueError (incl. RunFolderError, RunBusyError): bad settings or folder state, before
             any work; the folder is left as it was.
     """
-    # --- validate everything before any work --------------------------------------------
-    cfg, model_name, dataset_name = resolve_train_config(
-        preset, dataset, model, train, seed if seed is not None else None, log
-    )
-    req = RunRequest(
-        out=Path(out),
-        model=model_name,
-        dataset=dataset_name,
-        data_dir=Path(data_dir) if data_dir is not None else None,
-        train=cfg,
-        reinit=v.boolean("reinit", reinit),
-    )
-    if method is not None and mask is not None:
-        raise ValueError("give a method to prune with, or a mask to train with, not both")
-    if method is not None:
-        meth = get_method(method)
-        req.method = meth.name
-        req.density = resolve_density(density, sparsity)
-        if rounds is not None:
-            v.positive_int("rounds", rounds)
-        v.choice("schedule", schedule, SCHEDULES)
-        v.choice("scope", scope, SCOPES)
-        req.options = check_method_options(meth.name, options or {})
-        req.prune_settings = {
-            "rounds": rounds,
-            "schedule": schedule,
-            "scope": scope,
-            "seed": cfg.seed,
-            "include_bias": v.boolean("include_bias", include_bias),
-            "exclude": list(exclude),
-            "include": list(include),
-            "invert": v.boolean("invert", invert),
-            "shuffle": v.boolean("shuffle", shuffle),
-        }
-    else:
-        if density is not None or sparsity is not None or options:
-            raise ValueError("density, sparsity and options need a method (method=None given)")
-        if mask is not None:
-            req.mask = mask if isinstance(mask, Masks) else Masks.load(mask)
-            req.mask_path = None if isinstance(mask, Masks) else Path(mask)
-            made_for = req.mask.metadata.get("model")
-            if made_for is not None and made_for != model_name:
-                raise ValueError(
-                    f"the mask {req.mask_path or ''} was made for model {made_for!r}, not "
-                    f"{model_name!r}"
-                )
+    req = prepare(
+        out, preset=preset, model=model, dataset=dataset, data_dir=data_dir, method=method,
+        density=density, sparsity=sparsity, mask=mask, rounds=rounds, schedule=schedule,
+        scope=scope, include_bias=include_bias, exclude=exclude, include=include, invert=invert,
+        shuffle=shuffle, options=options, train=train, seed=seed, reinit=reinit, log=log,
+    )  # fmt: skip
+    return execute(req, resume=resume, device=device, workers=workers, sync_bn=sync_bn,
+                   progress=progress, log=log)  # fmt: skip
+
+
+def execute(
+    req: RunRequest,
+    *,
+    resume: bool = False,
+    device: str | None = None,
+    workers: int | None = None,
+    sync_bn: bool = False,
+    progress: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Do the run `req` (from `prepare`) in its folder `req.out`; see `run`."""
     if workers is not None:
         v.int_in_range("workers", workers, 0, 1024)
     distributed.resolve_device(device)
@@ -632,7 +699,7 @@ def _prune(
     if env.is_main:
         batches = (
             data.prune_batches(train_ds, per_class=10, seed=req.train.seed)
-            if meth.needs_data
+            if meth.needs_data_for(req.options)  # e.g. ntksap with inputs="data"
             else None
         )
         log(f"pruning {req.model} with {meth.name} to density {req.density:.4g}")
@@ -682,10 +749,13 @@ __all__ = [
     "RESULT_FILE",
     "RunBusyError",
     "RunFolderError",
+    "RunRequest",
     "build_model",
     "check_method_options",
     "claim",
     "config_differences",
+    "execute",
+    "prepare",
     "resolve_train_config",
     "run",
     "status",

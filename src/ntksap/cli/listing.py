@@ -25,7 +25,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     print(f"  {'name'.ljust(width)}  {'input'.ljust(9)}  rounds  summary")
     for name in names:
         m = get_method(name)
-        kind = "data" if m.needs_data else "data-free"
+        kind = "data" if m.needs_data else ("data-free" if not m.needs_data_for() else "data")
         print(f"  {name.ljust(width)}  {kind.ljust(9)}  {m.default_rounds:>6}  {m.summary}")
         for opt, spec in m.options.items():
             default = "auto" if spec.default is None else spec.default

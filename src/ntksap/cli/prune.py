@@ -70,7 +70,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     meth, d, options = pruning_request(args)  # validated before any work
     check_mask_suffix(args.out)
     check_new_file(args.out, args.overwrite)
-    if meth.needs_data and args.dataset is None:
+    needs_data = meth.needs_data_for(options)  # e.g. ntksap --inputs data
+    if needs_data and args.dataset is None:
         free = [m for m in list_methods() if not get_method(m).needs_data]
         raise UsageError(
             f"method {meth.name!r} needs data: pass --dataset NAME "
@@ -82,7 +83,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.dataset is not None:
         ds = _dataset(args)
         shape, classes = _dataset_shape(args, ds.info)
-        if meth.needs_data:
+        if needs_data:
             batches = data.prune_batches(ds, per_class=SAMPLES_PER_CLASS, seed=args.seed)
         else:
             print(f"note: {meth.name} is data-free: --dataset only sets the input shape")

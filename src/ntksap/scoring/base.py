@@ -268,13 +268,17 @@ class Method:
     Attributes:
         name: registry name.
         fn: the scorer.
-        needs_data: True for methods that read real (inputs, targets) batches.
+        needs_data: True for methods that always read real (inputs, targets) batches.
+            A method whose need depends on its options (NTK-SAP's `inputs`) leaves it False
+            and sets `needs_data_when`; callers that know the options ask `needs_data_for`.
         needs_input_shape: True for data-free methods that feed synthetic inputs.
         default_rounds: the paper's number of pruning rounds T.
         options: option name -> its `Option` spec (type, default, bounds, help).
         summary: one line for `ntksap list`.
         validate: cross-option check of a full, per-option-checked options dict, raising
             ValueError; runs before any work.
+        needs_data_when: for a method that is data-free at its defaults but reads real
+            batches under some options: full options dict -> whether it reads them.
     """
 
     name: str
@@ -285,11 +289,33 @@ class Method:
     options: Mapping[str, Option]
     summary: str
     validate: Callable[[dict[str, Any]], None] | None = None
+    needs_data_when: Callable[[dict[str, Any]], bool] | None = None
 
     @property
     def defaults(self) -> dict[str, Any]:
         """Option name -> default value."""
         return {n: o.default for n, o in self.options.items()}
+
+    def needs_data_for(self, options: Mapping[str, Any] | None = None) -> bool:
+        """Whether the method reads real (inputs, targets) batches with these `options`.
+
+        The one question every caller that supplies data asks (the pruning loop's "needs
+        data but none given" check, a run deciding to build its pruning batches), so a
+        method whose data need depends on an option is handled in one place. `options` may
+        be partial (e.g. only what a user gave): the defaults fill the rest; the values are
+        not checked here (`resolve_options` does that).
+
+        >>> get_method("snip").needs_data_for()
+        True
+        >>> get_method("ntksap").needs_data_for(), get_method("ntksap").needs_data_for(
+        ...     {"inputs": "data"})
+        (False, True)
+        """
+        if self.needs_data:
+            return True
+        if self.needs_data_when is None:
+            return False
+        return bool(self.needs_data_when({**self.defaults, **(options or {})}))
 
     def resolve_options(self, given: Mapping[str, Any]) -> dict[str, Any]:
         """`given` checked option by option, defaults filled in, then `validate` run.
@@ -320,13 +346,23 @@ def register_method(
     options: Sequence[Option] = (),
     summary: str = "",
     validate: Callable[[dict[str, Any]], None] | None = None,
+    needs_data_when: Callable[[dict[str, Any]], bool] | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a scorer under `name`.
 
     Args:
+        needs_data: the method always reads real (inputs, targets) batches.
         options: the method's keyword options, a sequence of `Option` specs.
         validate: optional cross-option check (each option is already checked on its own).
+        needs_data_when: for a method data-free by default that reads real batches under
+            some options: full options dict -> whether it does (see `Method.needs_data_for`);
+            not together with `needs_data=True`.
     """
+    if needs_data and needs_data_when is not None:
+        raise TypeError(
+            f"method {name!r}: needs_data=True already means always; give needs_data_when "
+            "only for a method that is data-free at its defaults"
+        )
     if isinstance(options, Mapping | str):
         raise TypeError(
             "options must be a sequence of Option specs, e.g. "
@@ -354,6 +390,7 @@ def register_method(
                 options=specs,
                 summary=summary or (doc[0] if doc else ""),
                 validate=validate,
+                needs_data_when=needs_data_when,
             )
         )
         return fn

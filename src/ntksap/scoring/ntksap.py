@@ -18,9 +18,17 @@ of the clean masked network on that batch (reset, one no-grad train-mode pass wi
 1, so running_var is the *unbiased* batch variance), then both networks run in eval mode, so
 the perturbed network is normalised with the clean network's statistics and no gradient
 flows through the statistics.
+
+Ablation "noise vs real inputs" (the paper's appendix): with the option inputs="data" every
+noise batch z_i is replaced by real input images from the `data` batches given to `prune`
+(their targets are ignored); everything else (fresh theta_i per batch, delta_i, the BN rule,
+the gradient accumulation, num_samples and batch_size) is unchanged. The default "noise" is
+the published, data-free method.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -34,6 +42,9 @@ from ntksap.scoring.base import (
 )
 
 NTKSAP_INITS = ("auto", *INIT_SCHEMES, "none")
+
+#: Where the inputs z_i come from: "noise" (N(0, I), the published method) or "data".
+NTKSAP_INPUTS = ("noise", "data")
 
 # Attribute set by `ntksap.models.create` naming the scheme the model was initialised with.
 INIT_ATTRIBUTE = "ntksap_init_scheme"
@@ -58,8 +69,49 @@ def set_clean_bn_statistics(ctx: ScoreContext, weights: dict[str, torch.Tensor],
     ctx.forward(weights, z)
 
 
+def reads_data(options: dict[str, Any]) -> bool:
+    """Whether NTK-SAP with these (full) options reads real batches: only inputs="data".
+
+    The method's data need hangs on this one option, so `prune` and `ntksap.run` ask it
+    (through `Method.needs_data_for`) instead of a fixed flag.
+    """
+    return options["inputs"] == "data"
+
+
+def real_input_pool(ctx: ScoreContext) -> torch.Tensor:
+    """The inputs of every `ctx.data` batch, concatenated in order (targets dropped)."""
+    if not ctx.data:
+        raise ValueError(
+            "ntksap with inputs='data' reads real inputs: pass data=[(inputs, targets), ...] "
+            "(only the inputs are used), or use inputs='noise' (the default, data-free)"
+        )
+    return torch.cat([x for x, _ in ctx.data])
+
+
+def real_input_batch(pool: torch.Tensor, start: int, size: int) -> torch.Tensor:
+    """`size` images of `pool` read from position `start` of the endless cyclic stream
+    pool[0], pool[1], ..., pool[-1], pool[0], ... (fewer images than asked for repeat).
+
+    >>> real_input_batch(torch.arange(5), 3, 4).tolist()
+    [3, 4, 0, 1]
+    """
+    index = torch.arange(start, start + size, device=pool.device) % pool.shape[0]
+    return pool.index_select(0, index)
+
+
 def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    """dR/dm summed over every (resample, noise batch) draw of one round (signed)."""
+    """dR/dm summed over every (resample, noise batch) draw of one round (signed).
+
+    With inputs="data" the batches z_i are real images instead of noise, read as one cyclic
+    stream over the given data (see `real_input_batch`) that continues across resamples and
+    rounds: round t, resample r reads num_samples images from position
+    ((t - 1) * resamples + r) * num_samples, in batches of batch_size, as the noise would be.
+    So with at least rounds x resamples x num_samples images no image is seen twice (like
+    fresh noise); with fewer, the images repeat (with exactly num_samples, e.g. `ntksap.run`'s
+    10 per class at the default num_samples = 10 x classes, every draw sees the same images
+    and only theta_i and delta_i change). No z is drawn, so the random stream then holds only
+    theta_i and delta_i.
+    """
     opts = ctx.options
     eps = float(opts["epsilon"])
     resamples = int(opts["resamples"])
@@ -67,6 +119,8 @@ def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     num_samples = opts["num_samples"]
     init = opts["init"]
     assert ctx.input_shape is not None and num_samples is not None
+    pool = real_input_pool(ctx) if opts["inputs"] == "data" else None
+    position = (ctx.round - 1) * resamples * int(num_samples)  # in the real-input stream
 
     names = list(ctx.params)
     m = {n: v.requires_grad_(True) for n, v in ctx.mask_float().items()}
@@ -78,7 +132,11 @@ def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
             theta = {n: ctx.params[n].detach() for n in names}
             # Noise is drawn in float32 and cast, so a float64 model sees the z and delta of
             # its float32 twin (same seed) and only computes more precisely.
-            z = _normal((bs, *ctx.input_shape), ctx)
+            if pool is None:
+                z = _normal((bs, *ctx.input_shape), ctx)
+            else:
+                z = real_input_batch(pool, position, bs)
+                position += bs
             delta = {n: _normal(theta[n].shape, ctx) * eps for n in names}
 
             set_clean_bn_statistics(ctx, {n: theta[n] * m[n].detach() for n in names}, z)
@@ -141,8 +199,16 @@ def default_num_samples(ctx: ScoreContext) -> int:
             "how theta is re-drawn; auto: kaiming for zoo models, reset otherwise",
             choices=NTKSAP_INITS,
         ),
+        Option(
+            "inputs",
+            "noise",
+            str,
+            "inputs z: noise N(0, I) (the paper, data-free) or data (real images; ablation)",
+            choices=NTKSAP_INPUTS,
+        ),
     ],
-    summary="NTK spectrum-aware, finite-difference NTK trace (Wang 2023, data-free)",
+    summary="NTK spectrum-aware, finite-difference NTK trace (Wang 2023, data-free by default)",
+    needs_data_when=reads_data,
 )
 def ntksap_scores(ctx: ScoreContext) -> Scores:
     """|dR/dm| at the current mask, zero where already pruned.
@@ -161,6 +227,11 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
             i.e. "kaiming"; "reset" for any other model), "reset" (each module's
             reset_parameters), "kaiming" (the reference models' init: Kaiming-normal fan_in,
             zero bias, BN 1/0), or "none" (the model's current weights, fixed).
+        inputs: "noise" (default: z_i ~ N(0, I), the published, data-free method) or
+            "data" (the paper's appendix ablation: z_i are the real inputs of `data`, which
+            must then be given; targets are ignored). num_samples and batch_size keep their
+            meaning: num_samples images per resample are taken from the data, cycling
+            through its batches if they hold fewer (see `ntksap_round_gradients`).
     """
     if ctx.options["init"] == "auto":
         ctx.options["init"] = getattr(ctx.model, INIT_ATTRIBUTE, "reset")
