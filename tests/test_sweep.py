@@ -501,3 +501,16 @@ def test_cli_sweep_flags_dry_run_and_report(
         assert not out2.exists()
     table = report.build_table([read_record(p) for p in find_run_folders([out])])
     assert len(table.rows) == 2
+
+
+def test_local_executor_runs_jobs_in_parallel_processes(tmp_path: Path) -> None:
+    out = tmp_path / "sw"
+    summary = sw.run_sweep(spec(seeds=[0, 1]), out, jobs=2, quiet=True, log=quiet)
+    assert [o.status for o in summary.outcomes] == ["finished"] * 4
+    index_matches_folders(out)
+    spans = sorted(
+        (r["started"], r["ended"]) for r in Index(out).rows()
+    )  # config.json written .. result.json written
+    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:])), spans  # two ran at once
+    again = sw.run_sweep(spec(seeds=[0, 1]), out, jobs=2, quiet=True, log=quiet)
+    assert {o.status for o in again.outcomes} == {"skipped"}
