@@ -555,3 +555,17 @@ def test_each_local_worker_gets_its_own_gpu(monkeypatch: pytest.MonkeyPatch) -> 
     assert [sw._gpu_for_slot(k) for k in range(4)] == ["cuda:0", "cuda:1", "cuda:2", "cuda:0"]
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert sw._gpu_for_slot(1) is None  # CPU: the run's own default
+
+
+def test_cli_compression_range_is_the_papers_grid(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["sweep", "--dataset", "digits", "--methods", "snip", "--out", str(tmp_path / "s"),
+            "--dry-run", "--compression", "2", "4", "..", "18"]  # fmt: skip
+    assert main(argv) == 0
+    listed = capsys.readouterr().out
+    assert "9 of 9 runs" in listed
+    for k in range(2, 19, 2):
+        assert f"snip-s{100 * (1 - 0.8**k):.4g}-seed0-" in listed, k
+    assert main([*argv[:-4], "2", "..", "18"]) == 2
+    assert "write FIRST SECOND .. LAST" in capsys.readouterr().err

@@ -63,7 +63,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--sparsities", nargs="+", type=finite_float, metavar="S")
     d.add_argument("--densities", nargs="+", type=finite_float, metavar="D")
     d.add_argument(
-        "--compression", nargs="+", type=nonneg_float, metavar="K", help="densities 0.8**K"
+        "--compression",
+        nargs="+",
+        metavar="K",
+        help="densities 0.8**K; a range as in the paper's grid: 2 4 .. 18",
     )
     g.add_argument("--seeds", nargs="+", type=seed, metavar="N")
     g.add_argument(
@@ -110,6 +113,38 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_sweep)
 
 
+def expand_range(tokens: list[str]) -> list[float]:
+    """Numbers, where "a b .. c" is a, a + (b - a), ... up to c (inclusive).
+
+    >>> expand_range(["2", "4", "..", "18"])
+    [2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 18.0]
+    >>> expand_range(["2", "6", "10"])
+    [2.0, 6.0, 10.0]
+    """
+    def number(text: str) -> float:
+        try:
+            return nonneg_float(text)
+        except argparse.ArgumentTypeError as exc:
+            raise UsageError(f"--compression: {exc}") from None
+
+    if ".." not in tokens:
+        return [number(t) for t in tokens]
+    k = tokens.index("..")
+    if k < 2 or k != len(tokens) - 2 or tokens.count("..") > 1:
+        raise UsageError(
+            f"bad range {' '.join(tokens)!r}: write FIRST SECOND .. LAST, e.g. 2 4 .. 18"
+        )
+    head = [number(t) for t in tokens[:k]]
+    last = number(tokens[-1])
+    step = head[-1] - head[-2]
+    if step <= 0 or last < head[-1]:
+        raise UsageError(f"bad range {' '.join(tokens)!r}: it must increase, e.g. 2 4 .. 18")
+    values = list(head)
+    while values[-1] + step <= last + 1e-9:
+        values.append(round(values[-1] + step, 9))
+    return values
+
+
 def spec_from_args(args: argparse.Namespace) -> sw.Sweep:
     """The sweep: the config file (if any), then every flag given on top of it."""
     spec = sw.Sweep.from_toml(args.config) if args.config is not None else sw.Sweep()
@@ -127,7 +162,9 @@ def spec_from_args(args: argparse.Namespace) -> sw.Sweep:
         spec.methods = list(args.methods)
     if args.sparsities or args.densities or args.compression:
         spec.set_density_grid(
-            sparsities=args.sparsities, densities=args.densities, compression=args.compression
+            sparsities=args.sparsities,
+            densities=args.densities,
+            compression=expand_range(args.compression) if args.compression else None,
         )
     if args.seeds:
         spec.seeds = list(args.seeds)
