@@ -569,3 +569,37 @@ def test_cli_compression_range_is_the_papers_grid(
         assert f"snip-s{100 * (1 - 0.8**k):.4g}-seed0-" in listed, k
     assert main([*argv[:-4], "2", "..", "18"]) == 2
     assert "write FIRST SECOND .. LAST" in capsys.readouterr().err
+
+
+def test_slurm_executor_submits_one_job_array(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Slurm path up to the scheduler: a fake `sbatch` records the script submitit writes
+    for our job array (one task per pending run) and answers with a job id."""
+    pytest.importorskip("submitit")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    script = tmp_path / "submitted.sh"
+    fake = bin_dir / "sbatch"
+    s = spec(seeds=[0, 1])
+    out = tmp_path / "sw"
+    system_path = os.environ["PATH"]
+    monkeypatch.setenv("PATH", str(bin_dir))  # no Slurm: a clear error, nothing written
+    with pytest.raises(sw.SweepError, match="sbatch and srun not found"):
+        sw.run_sweep(s, out, executor="slurm", log=quiet)
+    assert not out.exists()
+    fake.write_text(f'#!/bin/sh\ncp "$1" {script}\necho "Submitted batch job 4242"\n')
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 1\n")
+    for f in (fake, bin_dir / "srun"):
+        f.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{system_path}")
+    s.slurm = {"partition": "gpu", "time_minutes": 90, "gpus_per_task": 1,
+               "array_parallelism": 2}  # fmt: skip
+    summary = sw.run_sweep(s, out, executor="slurm", log=quiet)
+    assert summary.pending and summary.submitted == [f"4242_{k}" for k in range(4)]
+    text = script.read_text()
+    for flag in ("--array=0-3%2", "--partition=gpu", "--time=90", "--gpus-per-node=1",
+                 "--job-name=ntksap-sw"):  # fmt: skip
+        assert f"#SBATCH {flag}" in text, flag
+    assert not (out / INDEX_FILE).exists()  # cluster jobs never share the index
+    assert all(runs.status(c.folder) == "new" for c in sw.plan(s, out))  # nothing ran here

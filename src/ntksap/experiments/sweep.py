@@ -626,7 +626,7 @@ def run_sweep(
     executor: str | None = None,
     jobs: int | None = None,
     retry_failed: bool = False,
-    wait: bool = True,
+    wait: bool = False,
     device: str | None = None,
     workers: int | None = None,
     quiet: bool = False,
@@ -656,6 +656,8 @@ def run_sweep(
         shard = shard_from_environment()
         if shard is not None:
             log(f"shard {shard[0]}/{shard[1]} from the Slurm job array")
+    if executor == "slurm":
+        _check_slurm()
     cells = plan(spec, out)  # every cell validated before any work
     mine = select_shard(cells, shard)
     if out.exists() and not out.is_dir():
@@ -807,6 +809,24 @@ def _run_pool(
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
+
+
+def _check_slurm() -> None:
+    """Slurm's commands and submitit must be here before anything is written."""
+    import shutil
+
+    missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+    if missing:
+        raise SweepError(
+            f"--executor slurm: {' and '.join(missing)} not found, this is not a Slurm login "
+            "node; run on one, or use --executor local (--jobs N) or submitit-local here"
+        )
+    try:
+        import submitit  # noqa: F401
+    except ImportError:
+        raise SweepError(
+            "--executor slurm needs submitit: pip install 'ntksap[cluster]' (or submitit)"
+        ) from None
 
 
 def slurm_parameters(spec: Sweep, jobs: int) -> dict[str, Any]:
