@@ -121,6 +121,7 @@ def expand_range(tokens: list[str]) -> list[float]:
     >>> expand_range(["2", "6", "10"])
     [2.0, 6.0, 10.0]
     """
+
     def number(text: str) -> float:
         try:
             return nonneg_float(text)
