@@ -707,18 +707,15 @@ def run_sweep(
         }
         for c in todo
     ]
-    tracker = _Tracker(len(todo), jobs if executor != "slurm" else 1, log)
+    tracker = _Tracker(todo, summary, index, log)
     if executor == "local" and jobs == 1:
         for k, (c, p) in enumerate(zip(todo, payloads)):
             log(f"[{k + 1}/{len(todo)}] {c.name} ({runs.status(c.folder)})")
-            res = _job({**p, "prefix": "    "})
-            summary.outcomes.append(tracker.done(res))
-            if index is not None:
-                index.sync([c.folder])
+            tracker.done(_job({**p, "prefix": "    "}))
     elif executor == "local":
-        _run_pool(todo, payloads, jobs, tracker, summary, index)
+        _run_pool(todo, payloads, jobs, tracker)
     else:
-        _run_submitit(spec, out, executor, todo, payloads, jobs, wait, tracker, summary, index, log)
+        _run_submitit(spec, out, executor, todo, payloads, jobs, wait, tracker, summary, log)
     return summary
 
 
@@ -733,11 +730,23 @@ def _axis_path(key: str, spec: Sweep) -> str:
 
 
 class _Tracker:
-    """Progress lines: one per finished run, with the time left."""
+    """Records each ended run: its outcome in the summary, its index row (when this process
+    keeps the index), and a progress line with the time left."""
 
-    def __init__(self, total: int, parallel: int, log: Callable[[str], None]) -> None:
-        self.total, self.parallel, self.log = total, max(parallel, 1), log
+    def __init__(
+        self,
+        todo: Sequence[Cell],
+        summary: SweepSummary,
+        index: Index | None,
+        log: Callable[[str], None],
+    ) -> None:
+        self.folders = {c.name: c.folder for c in todo}
+        self.total, self.summary, self.index, self.log = len(todo), summary, index, log
         self.count, self.start = 0, time.perf_counter()
+
+    def died(self, cell: Cell, error: str) -> Outcome:
+        """A run whose process or job died without a word: recorded as failed."""
+        return self.done({"name": cell.name, "status": "failed", "error": error})
 
     def done(self, res: Mapping[str, Any]) -> Outcome:
         self.count += 1
@@ -756,6 +765,9 @@ class _Tracker:
             f"  {self.count}/{self.total} {o.name}: {o.status} {what} ({o.seconds:.0f} s); "
             f"about {_duration(left)} left"
         )
+        self.summary.outcomes.append(o)
+        if self.index is not None:
+            self.index.sync([self.folders[o.name]])
         return o
 
 
@@ -774,8 +786,6 @@ def _run_pool(
     payloads: list[dict[str, Any]],
     jobs: int,
     tracker: _Tracker,
-    summary: SweepSummary,
-    index: Index | None,
 ) -> None:
     """`jobs` worker processes on this machine; each runs one run at a time, with its share
     of the CPU threads (and its own GPU when there are several)."""
@@ -787,7 +797,6 @@ def _run_pool(
     for k in range(jobs):
         slots.put(k)
     threads = max(1, (os.cpu_count() or 1) // jobs)
-    by_name = {c.name: c for c in todo}
     with cf.ProcessPoolExecutor(
         jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots,)
     ) as pool:
@@ -797,15 +806,9 @@ def _run_pool(
                 try:
                     res = fut.result()
                 except Exception as exc:  # a worker died (e.g. killed): the run is incomplete
-                    k = futures.index(fut)
-                    res = {
-                        "name": todo[k].name,
-                        "status": "failed",
-                        "error": f"worker process died: {exc}",
-                    }
-                summary.outcomes.append(tracker.done(res))
-                if index is not None:
-                    index.sync([by_name[res["name"]].folder])
+                    tracker.died(todo[futures.index(fut)], f"worker process died: {exc}")
+                    continue
+                tracker.done(res)
         except KeyboardInterrupt:
             pool.shutdown(wait=True, cancel_futures=True)
             raise
@@ -860,7 +863,6 @@ def _run_submitit(
     wait: bool,
     tracker: _Tracker,
     summary: SweepSummary,
-    index: Index | None,
     log: Callable[[str], None],
 ) -> None:
     """A submitit job array, one task per run (Slurm, or local processes to test the path)."""
@@ -888,7 +890,6 @@ def _run_submitit(
     # Slurm: one array, its parallelism set by the scheduler. Local: submitit starts every
     # job of an array at once, so arrays of `jobs` runs are submitted one after another.
     step = len(todo) if executor == "slurm" else jobs
-    by_name = {c.name: c for c in todo}
     for lo in range(0, len(todo), step):
         batch = list(range(lo, min(lo + step, len(todo))))
         submitted = ex.map_array(_job, [payloads[k] for k in batch])
@@ -907,14 +908,10 @@ def _run_submitit(
                 res = job.result()
             except Exception as exc:  # the job itself died (timeout, node failure, kill)
                 lines = str(exc).strip().splitlines()
-                res = {
-                    "name": todo[k].name,
-                    "status": "failed",
-                    "error": f"job {job.job_id}: {lines[-1] if lines else type(exc).__name__}",
-                }
-            summary.outcomes.append(tracker.done(res))
-            if index is not None:
-                index.sync([by_name[res["name"]].folder])
+                last = lines[-1] if lines else type(exc).__name__
+                tracker.died(todo[k], f"job {job.job_id}: {last}")
+                continue
+            tracker.done(res)
 
 
 def describe(summary: SweepSummary) -> str:
