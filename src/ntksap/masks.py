@@ -186,6 +186,23 @@ class Masks(Mapping[str, torch.Tensor]):
         residual connection, the network's output no longer depends on its input)."""
         return [k for k, m in self._masks.items() if m.numel() and not bool(m.any())]
 
+    def dead_outputs(self) -> dict[str, int]:
+        """Per tensor of two or more dimensions, how many of its output units (rows of a
+        Linear weight, output channels of a conv: slices along dim 0) keep no weight at all,
+        where any do. Such a unit no longer depends on its input: in the output layer, a
+        class that only its bias can predict. A tensor-level check (`collapsed`) misses it.
+
+        >>> Masks({"fc.weight": torch.tensor([[True, False], [False, False]])}).dead_outputs()
+        {'fc.weight': 1}
+        """
+        out = {}
+        for k, m in self._masks.items():
+            if m.dim() >= 2 and m.numel():
+                dead = int((~m.flatten(1).any(dim=1)).sum())
+                if dead:
+                    out[k] = dead
+        return out
+
     def to(self, device: torch.device | str) -> Masks:
         return Masks({k: m.to(device) for k, m in self._masks.items()}, self.metadata)
 

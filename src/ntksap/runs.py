@@ -617,6 +617,9 @@ def _train(
         collapsed = masks.collapsed()
         if collapsed:
             _warn(_collapse_message(masks, collapsed))
+        head_dead = _dead_head_message(masks, collapsed)
+        if head_dead and env.is_main:
+            _warn(head_dead)
         apply_masks(model, masks)
         if env.is_main:
             stats, totals = layer_table(model, masks, info.input_shape)
@@ -664,6 +667,7 @@ def _train(
             params_prunable=totals.params,
             params_kept=totals.kept,
             collapsed=masks.collapsed(),
+            dead_outputs=masks.dead_outputs(),
             prune_seconds=masks.metadata.get("seconds"),
         )
     result = _finish(out, env, extra)
@@ -680,6 +684,24 @@ def _collapse_message(masks: Masks, collapsed: list[str]) -> str:
     return (
         f"{len(collapsed)} tensor(s) pruned to nothing (layer collapse): {', '.join(collapsed)}; "
         "without a bypass the network's output no longer depends on its input"
+    )
+
+
+def _dead_head_message(masks: Masks, collapsed: list[str]) -> str | None:
+    """A warning when output units of the last pruned tensor (the model's output layer, in
+    registration order) keep no weight: e.g. classes that only the bias can predict, which
+    caps accuracy however long one trains. Every tensor's count goes into result.json."""
+    names = list(masks)
+    if not names or names[-1] in collapsed:
+        return None
+    head = names[-1]
+    dead = masks.dead_outputs().get(head, 0)
+    if not dead:
+        return None
+    return (
+        f"{dead} of {masks[head].shape[0]} outputs of {head} (the last pruned layer) keep no "
+        "weight: they no longer depend on the input (for a classifier, classes predicted from "
+        "the bias alone); lower the sparsity or exclude the layer (--exclude)"
     )
 
 
