@@ -258,6 +258,13 @@ def test_output_units_without_weights_are_counted_and_warned(tmp_path, capsys) -
     edited = Masks({**dict(masks), "fc3.weight": fc3, "features.3.weight": conv}, masks.metadata)
     assert edited.dead_outputs() == {"features.3.weight": 1, "fc3.weight": 3}
     assert edited.collapsed() == []
+    from ntksap.cli.common import warn_collapse  # what `ntksap prune` prints
+
+    warn_collapse(edited, "magnitude")
+    assert "magnitude: 3 of 10 outputs of fc3.weight" in capsys.readouterr().err
+    none = torch.zeros_like(fc3)  # the whole layer: a collapse, reported as such, not twice
+    collapsed = Masks({**dict(edited), "fc3.weight": none}, masks.metadata)
+    assert collapsed.dead_head_warning() is None and collapsed.collapsed() == ["fc3.weight"]
     path = tmp_path / "m.safetensors"
     edited.save(path)
     _, _, err = cli(["train", *FAST, "--mask", path, "--out", tmp_path / "t"], capsys)
@@ -395,3 +402,20 @@ def test_a_killed_run_is_incomplete_and_its_lock_is_gone(tmp_path) -> None:
     with runs.claim(out):  # takes it at once
         pass
     assert os.path.exists(out / runs.LOCK_FILE)
+
+
+def test_a_refused_claim_never_removes_the_holders_folder(tmp_path, monkeypatch) -> None:
+    """Two processes both find the folder missing and both "create" it; the refused one
+    must not clean up (delete the lock file and folder) under the one that holds it. This
+    race made test_two_commands_on_one_folder_started_together fail now and then."""
+    folder = tmp_path / "r"
+    real_exists = Path.exists
+    with runs.claim(folder):  # the holder: created the folder, has written nothing yet
+        # the other process looked before the holder's mkdir: it thinks it creates the folder
+        monkeypatch.setattr(Path, "exists", lambda p: False if p == folder else real_exists(p))
+        with pytest.raises(runs.RunBusyError), runs.claim(folder):
+            pass
+        monkeypatch.setattr(Path, "exists", real_exists)
+        assert (folder / runs.LOCK_FILE).is_file()  # still the holder's
+        (folder / "config.json").write_text("{}")  # so the holder can go on writing
+    assert (folder / "config.json").is_file()

@@ -203,6 +203,24 @@ class Masks(Mapping[str, torch.Tensor]):
                     out[k] = dead
         return out
 
+    def dead_head_warning(self) -> str | None:
+        """A warning when output units of the last tensor (the model's output layer, in
+        registration order) keep no weight but the tensor is not entirely pruned: e.g.
+        classes that only the bias can predict, which caps accuracy however long one trains.
+        None otherwise."""
+        names = list(self._masks)
+        if not names:
+            return None
+        head = names[-1]
+        dead = self.dead_outputs().get(head, 0)
+        if not dead or not bool(self._masks[head].any()):  # a collapse is reported as such
+            return None
+        return (
+            f"{dead} of {self._masks[head].shape[0]} outputs of {head} (the last pruned layer) "
+            "keep no weight: they no longer depend on the input (for a classifier, classes "
+            "predicted from the bias alone); lower the sparsity or exclude the layer (--exclude)"
+        )
+
     def to(self, device: torch.device | str) -> Masks:
         return Masks({k: m.to(device) for k, m in self._masks.items()}, self.metadata)
 

@@ -131,6 +131,7 @@ def claim(folder: str | os.PathLike[str]) -> Iterator[Path]:
         raise PermissionError(f"cannot write to run folder {folder}: permission denied") from None
     except OSError as exc:
         raise OSError(exc.errno, f"cannot create run folder {folder}: {exc.strerror}") from None
+    locked = False
     try:
         if not _lock(fd):
             holder = os.read(fd, 200).decode(errors="replace").strip() or "unknown"
@@ -138,17 +139,21 @@ def claim(folder: str | os.PathLike[str]) -> Iterator[Path]:
                 f"run folder {folder} is in use by another ntksap process ({holder}); wait for "
                 "it to finish, or choose another --out (nothing there was changed)"
             )
+        locked = True
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
         remove_stale_temporaries(folder)
         yield folder
     finally:
-        os.close(fd)  # releases the lock
-        # a folder this call created and nothing was written to: leave no trace
-        if created and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
+        # A folder this call created and nothing was written to: leave no trace. Only the
+        # holder may clean up, and only while it still holds the lock: two processes can both
+        # see the folder missing and "create" it, and the one refused must not delete the
+        # lock file and folder of the one that is running.
+        if locked and created and {p.name for p in folder.iterdir()} <= {LOCK_FILE}:
             with contextlib.suppress(OSError):
                 (folder / LOCK_FILE).unlink()
                 folder.rmdir()
+        os.close(fd)  # releases the lock
 
 
 def status(folder: str | os.PathLike[str]) -> str:
@@ -617,7 +622,7 @@ def _train(
         collapsed = masks.collapsed()
         if collapsed:
             _warn(_collapse_message(masks, collapsed))
-        head_dead = _dead_head_message(masks, collapsed)
+        head_dead = masks.dead_head_warning()
         if head_dead and env.is_main:
             _warn(head_dead)
         apply_masks(model, masks)
@@ -684,24 +689,6 @@ def _collapse_message(masks: Masks, collapsed: list[str]) -> str:
     return (
         f"{len(collapsed)} tensor(s) pruned to nothing (layer collapse): {', '.join(collapsed)}; "
         "without a bypass the network's output no longer depends on its input"
-    )
-
-
-def _dead_head_message(masks: Masks, collapsed: list[str]) -> str | None:
-    """A warning when output units of the last pruned tensor (the model's output layer, in
-    registration order) keep no weight: e.g. classes that only the bias can predict, which
-    caps accuracy however long one trains. Every tensor's count goes into result.json."""
-    names = list(masks)
-    if not names or names[-1] in collapsed:
-        return None
-    head = names[-1]
-    dead = masks.dead_outputs().get(head, 0)
-    if not dead:
-        return None
-    return (
-        f"{dead} of {masks[head].shape[0]} outputs of {head} (the last pruned layer) keep no "
-        "weight: they no longer depend on the input (for a classifier, classes predicted from "
-        "the bias alone); lower the sparsity or exclude the layer (--exclude)"
     )
 
 

@@ -163,7 +163,8 @@ def prune_quietly(*args: Any, **kwargs: Any) -> Masks:
 
 
 def warn_collapse(masks: Masks, where: str = "") -> list[str]:
-    """Print the layer-collapse warning (every command does); returns the collapsed names."""
+    """Print the layer-collapse warning and the dead-output-layer warning (every command
+    does); returns the collapsed names."""
     collapsed = masks.collapsed()
     if collapsed:
         prefix = f"{where}: " if where else ""
@@ -176,6 +177,9 @@ def warn_collapse(masks: Masks, where: str = "") -> list[str]:
                 "the input"
             )
         print(f"warning: {prefix}{msg}", file=sys.stderr, flush=True)
+    head = masks.dead_head_warning()
+    if head:
+        print(f"warning: {f'{where}: ' if where else ''}{head}", file=sys.stderr, flush=True)
     return collapsed
 
 
