@@ -321,3 +321,37 @@ def test_save_load_keeps_the_tensor_order(tmp_path):
     masks = Masks({n: torch.ones(2, dtype=torch.bool) for n in order})
     for suffix in (".safetensors", ".pt"):
         assert list(Masks.load(masks.save(tmp_path / f"m{suffix}"))) == order
+
+
+class _TiedLM(nn.Module):
+    """An embedding whose weight is also the output head's (weight tying, as in language
+    models): one tensor, two holders, first registered as `emb.weight`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.fc1 = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, T) token ids -> (N, 50)
+        return self.head(torch.relu(self.fc1(self.emb(x))).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore::ntksap.pruning.LayerCollapseWarning")  # magnitude: fc1
+@pytest.mark.parametrize("method", ["random", "magnitude"])
+def test_tied_weights_prune_under_their_first_name_and_mask_every_holder(method) -> None:
+    """Before: prune raised KeyError 'head.weight' (the Linear named the tied tensor by its
+    own path, the copy only knew `emb.weight`)."""
+    torch.manual_seed(0)
+    model = _TiedLM()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    masks = ntksap.prune(model, method, density=0.3)
+    assert set(masks) == {"fc1.weight", "emb.weight"}  # named_parameters()' names
+    assert masks.num_kept == round(0.3 * (16 * 16 + 50 * 16))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    ntksap.apply_masks(model, masks)
+    # both holders see the one masked tensor
+    assert torch.equal(model.emb.weight, model.head.weight)
+    assert torch.equal(model.head.weight != 0, masks["emb.weight"])
+    assert model(torch.randint(0, 50, (4, 7))).shape == (4, 50)

@@ -164,6 +164,10 @@ def prunable_parameters(
     seen: set[int] = set()
     chosen: dict[str, nn.Parameter] = {}
     computed: dict[str, str] = {}  # name -> why it cannot be pruned as it is
+    # A tensor held by several modules (tied weights, e.g. an embedding and a Linear head) is
+    # named as `named_parameters()` names it (its first holder), whichever holder selects it:
+    # masks, copies and `apply_masks` all look it up by that name.
+    canonical = {id(p): n for n, p in named_parameters_canonical(model).items()}
     for mod_name, module in model.named_modules():
         if not isinstance(module, layer_types):
             continue
@@ -181,7 +185,7 @@ def prunable_parameters(
             if p is None or id(p) in seen:
                 continue
             seen.add(id(p))
-            chosen[name] = p
+            chosen[canonical.get(id(p), name)] = p
     if include:
         all_params = named_parameters_canonical(model)
         for name in sorted(_match_all(include, all_params, "include")):
