@@ -605,3 +605,15 @@ def test_slurm_executor_submits_one_job_array(
         assert f"#SBATCH {flag}" in text, flag
     assert not (out / INDEX_FILE).exists()  # cluster jobs never share the index
     assert all(runs.status(c.folder) == "new" for c in sw.plan(s, out))  # nothing ran here
+
+
+def test_a_missing_data_set_is_one_error_before_any_work(tmp_path: Path) -> None:
+    s = sw.Sweep.from_dict(
+        {
+            "run": {"dataset": "cifar10", "model": "resnet20", "data_dir": str(tmp_path / "no")},
+            "grid": {"methods": ["random", "snip"], "sparsities": [0.9, 0.95], "seeds": [0]},
+        }
+    )
+    with pytest.raises(sw.SweepError, match=r"data set 'cifar10' cannot be read: .*no data set"):
+        sw.run_sweep(s, tmp_path / "sw", log=quiet)
+    assert not (tmp_path / "sw").exists()  # no failed run folders to clean up

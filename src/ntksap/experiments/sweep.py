@@ -660,6 +660,8 @@ def run_sweep(
         _check_slurm()
     cells = plan(spec, out)  # every cell validated before any work
     mine = select_shard(cells, shard)
+    if executor != "slurm":  # cluster nodes may mount data the login node does not see
+        _check_data(mine)
     if out.exists() and not out.is_dir():
         raise SweepError(f"sweep folder {out} exists and is not a folder")
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
@@ -717,6 +719,20 @@ def run_sweep(
     else:
         _run_submitit(spec, out, executor, todo, payloads, jobs, wait, tracker, summary, log)
     return summary
+
+
+def _check_data(cells: Sequence[Cell]) -> None:
+    """Each data set the runs read can be opened (its test split, the smaller one), before
+    any work: a missing data set is one clear error, not a failed run folder per cell."""
+    from ntksap import data
+
+    pending = [c for c in cells if runs.status(c.folder) not in runs.FINAL_STATUSES]
+    for dataset, root in sorted({(c.request.dataset, c.request.data_dir) for c in pending},
+                                key=str):  # fmt: skip
+        try:
+            data.create(dataset, root=root, split="test")
+        except (ValueError, OSError) as exc:
+            raise SweepError(f"data set {dataset!r} cannot be read: {exc}") from None
 
 
 def _axis_path(key: str, spec: Sweep) -> str:
