@@ -176,3 +176,32 @@ def test_cli_spectrum_labels_data_methods_and_overwrite(tmp_path, capsys):
     assert main(argv) == 0
     assert "SYNTHETIC" in capsys.readouterr().out
     assert "SYNTHETIC" in json.loads((syn / "spectrum.json").read_text())["inputs"]
+
+
+def test_cli_spectrum_passes_method_settings(tmp_path, capsys):
+    """--set reaches `prune` (rounds, method options; all methods or one), checked first."""
+    import json
+
+    from ntksap.cli import main
+
+    base = ["spectrum", "--model", "lenet5", "--num-classes", "4", "--input-shape", "1,8,8",
+            "--sparsity", "0.8", "--samples", "4", "--fd-draws", "1"]  # fmt: skip
+    out = tmp_path / "s"
+    sets = ["--set", "rounds=2", "--set", "ntksap.resamples=1", "--set", "num-samples=8"]
+    rc = main([*base, "--methods", "random,ntksap", *sets, "--out-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "spectrum.json").read_text())
+    assert report["settings"] == {
+        "random": {"rounds": 2},
+        "ntksap": {"rounds": 2, "resamples": 1, "num_samples": 8},
+    }
+    for extra, message in [
+        (["--set", "bogus=1"], "'bogus' is not a setting of random, ntksap; valid: "),
+        (["--set", "resamples=0"], "resamples"),
+        (["--set", "snip.rounds=2"], "'snip' is not one of --methods"),
+        (["--set", "rounds=0"], "rounds"),
+    ]:
+        rc = main([*base, "--methods", "random,ntksap", *extra, "--out-dir", str(tmp_path / "x")])
+        assert rc == 2, extra
+        assert message in capsys.readouterr().err, extra
+        assert not (tmp_path / "x").exists()

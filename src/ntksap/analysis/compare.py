@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import io
+import math
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -91,7 +92,8 @@ def compare_spectra(
                 "density": 1.0 if m is None else m.density,
                 "trace": s.trace,
                 "fd_trace_estimate": fd,
-                "fd_std_error": fd_err,
+                # one draw has no spread: None (JSON null), not NaN
+                "fd_std_error": fd_err if math.isfinite(fd_err) else None,
                 "largest": s.largest,
                 "smallest": s.smallest,
                 "condition_number": s.condition_number,

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from ntksap import data
+from ntksap import validate as v
 from ntksap.analysis.compare import BN_STATS, compare_spectra, plot_spectra
 from ntksap.cli.common import (
     UsageError,
@@ -82,6 +83,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--dataset)",
     )
     src.add_argument("--masks", type=Path, nargs="+", help="mask files instead of pruning")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="[METHOD.]KEY=VALUE",
+        help="a pruning setting: rounds or a method option, for every method that has it or "
+        "for one (e.g. --set rounds=5 --set ntksap.resamples=1)",
+    )
     p.add_argument("--samples", type=positive_int, default=100, help="NTK inputs N (default 100)")
     p.add_argument(
         "--dataset",
@@ -131,6 +140,51 @@ def mask_labels(paths: list[Path]) -> list[str]:
     raise UsageError("a mask file is given twice")
 
 
+def method_settings(methods: list[str], assignments: list[str]) -> dict[str, dict[str, Any]]:
+    """Per method, the `prune` keywords of the --set flags: `rounds` and its own options;
+    KEY applies to every method that has it, METHOD.KEY to one. Checked before any work.
+
+    >>> method_settings(["snip", "ntksap"], ["rounds=2", "ntksap.resamples=1", "epsilon=0.1"])
+    {'snip': {'rounds': 2}, 'ntksap': {'rounds': 2, 'resamples': 1, 'epsilon': 0.1}}
+    """
+    from ntksap.experiments.sweep import SweepError, parse_assignment
+
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    for text in assignments:
+        try:
+            key, value = parse_assignment(text, many=False)
+        except SweepError as exc:
+            raise UsageError(f"--set: {exc}") from None
+        owner, dot, rest = key.partition(".")
+        targets = [owner.lower()] if dot else methods
+        name = (rest if dot else key).replace("-", "_")
+        if dot and owner.lower() not in methods:
+            raise UsageError(
+                f"--set {text}: {owner!r} is not one of --methods ({', '.join(methods)})"
+            )
+        takers = [m for m in targets if name == "rounds" or name in get_method(m).options]
+        if not takers:
+            valid = sorted({"rounds", *(o for m in targets for o in get_method(m).options)})
+            raise UsageError(
+                f"--set {text}: {name!r} is not a setting of {', '.join(targets)}; "
+                f"valid: {', '.join(valid)}"
+            )
+        for m in takers:
+            out[m][name] = value
+    for m, kw in out.items():
+        if "rounds" in kw:
+            try:
+                v.positive_int("rounds", kw["rounds"])
+            except ValueError as exc:
+                raise UsageError(f"--set: {exc}") from None
+        options = {k: val for k, val in kw.items() if k != "rounds"}
+        try:
+            get_method(m).resolve_options(options)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(f"--set: {exc}") from None
+    return out
+
+
 def _fmt(x: float) -> str:
     return "inf" if math.isinf(x) else f"{x:.4g}"
 
@@ -149,13 +203,14 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
                 f"{', '.join(needs)} need(s) real data: pass --dataset NAME (or --dataset "
                 "synthetic to score random images on purpose), or leave them out of --methods"
             )
+        settings = method_settings(methods, args.set)
         sparsity = 0.738 if args.density is None and args.sparsity is None else args.sparsity
         try:
             d = resolve_density(args.density, sparsity)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    elif args.density is not None or args.sparsity is not None:
-        raise UsageError("--masks gives the masks: --sparsity/--density would be ignored")
+    elif args.density is not None or args.sparsity is not None or args.set:
+        raise UsageError("--masks gives the masks: --sparsity/--density/--set would be ignored")
     if args.dataset is not None:
         ds_test = _dataset(args, "test")
         shape, classes = tuple(ds_test.info.input_shape), ds_test.info.num_classes
@@ -194,7 +249,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
             masks[name] = prune_quietly(
                 model, name, density=d, input_shape=shape,
                 data=train_batches if meth.needs_data else None, seed=args.seed,
-                device=args.device, progress=progress(args.progress),
+                device=args.device, progress=progress(args.progress), **settings[name],
             )  # fmt: skip
             seconds[name] = time.perf_counter() - t0
             print(f"pruned with {name} in {seconds[name]:.1f} s", flush=True)
@@ -229,6 +284,7 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
             "bn_stats": args.bn_stats,
             "masks": {lab: str(p) for lab, p in zip(masks, args.masks)} if args.masks else None,
+            "settings": None if args.masks else settings,  # --set, per method
             "rows": rows,
             "eigenvalues": {name: s.eigenvalues.tolist() for name, s in spectra.items()},
         },
