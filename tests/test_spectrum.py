@@ -200,6 +200,7 @@ def test_cli_spectrum_passes_method_settings(tmp_path, capsys):
         (["--set", "resamples=0"], "resamples"),
         (["--set", "snip.rounds=2"], "'snip' is not one of --methods"),
         (["--set", "rounds=0"], "rounds"),
+        (["--set", "ntksap.inputs=data"], "ntksap need(s) real data: pass --dataset"),
     ]:
         rc = main([*base, "--methods", "random,ntksap", *extra, "--out-dir", str(tmp_path / "x")])
         assert rc == 2, extra

@@ -197,13 +197,14 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         methods = args.methods or [
             m for m in list_methods() if args.dataset or not get_method(m).needs_data
         ]
-        needs = [m for m in methods if get_method(m).needs_data]
+        settings = method_settings(methods, args.set)
+        # e.g. ntksap with --set inputs=data reads real images too
+        needs = [m for m in methods if get_method(m).needs_data_for(settings[m])]
         if needs and args.dataset is None:
             raise UsageError(
                 f"{', '.join(needs)} need(s) real data: pass --dataset NAME (or --dataset "
                 "synthetic to score random images on purpose), or leave them out of --methods"
             )
-        settings = method_settings(methods, args.set)
         sparsity = 0.738 if args.density is None and args.sparsity is None else args.sparsity
         try:
             d = resolve_density(args.density, sparsity)
@@ -243,12 +244,13 @@ def cmd_spectrum(args: argparse.Namespace) -> int:
         train_batches = None
         for name in methods:
             meth = get_method(name)
-            if meth.needs_data and train_batches is None:
+            reads_data = meth.needs_data_for(settings[name])
+            if reads_data and train_batches is None:
                 train_batches = data.prune_batches(_dataset(args, "train"), seed=args.seed)
             t0 = time.perf_counter()
             masks[name] = prune_quietly(
                 model, name, density=d, input_shape=shape,
-                data=train_batches if meth.needs_data else None, seed=args.seed,
+                data=train_batches if reads_data else None, seed=args.seed,
                 device=args.device, progress=progress(args.progress), **settings[name],
             )  # fmt: skip
             seconds[name] = time.perf_counter() - t0
