@@ -103,7 +103,6 @@ def demo_sweep(args: argparse.Namespace) -> int:
     from ntksap.experiments import report
     from ntksap.experiments import sweep as sw
     from ntksap.experiments.index import Index
-    from ntksap.experiments.records import read_record
 
     spec = sw.Sweep(
         base={"dataset": DEMO_DATASET, "model": args.model},
@@ -121,10 +120,7 @@ def demo_sweep(args: argparse.Namespace) -> int:
     )
     started = time.perf_counter()
     summary = sw.run_sweep(spec, args.out, jobs=args.jobs, quiet=True, progress=False)
-    index = Index(args.out)
-    index.sync()
-    records = [read_record(Path(r["folder"])) for r in index.rows()]
-    paths = report.write_report(records, args.out / "report")
+    paths = report.write_report(Index(args.out).records(), args.out / "report")
     print()
     print(paths["report.md"].read_text().split("\n## Figures")[0].rstrip())
     print(

@@ -243,12 +243,8 @@ def _print_table(out: Path) -> None:
     """The results table of the sweep (all its runs, this invocation's and earlier ones)."""
     from ntksap.experiments import report
     from ntksap.experiments.index import Index
-    from ntksap.experiments.records import read_record
 
-    index = Index(out)
-    index.sync()
-    records = [read_record(Path(r["folder"])) for r in index.rows()]
-    table: Any = report.build_table(records)
+    table: Any = report.build_table(Index(out).records())
     print()
     print(report.to_markdown(table))
     print(f"\n`ntksap report {out}` writes this table as CSV and markdown, and the plots")

@@ -222,6 +222,12 @@ class Index:
                 r[key] = json.loads(r[key]) if r[key] is not None else None
         return out
 
+    def records(self) -> list[Record]:
+        """Every run of the sweep: the index brought up to date, each run read from its folder
+        (the numbers of a table come from the result files, not from the index's copy)."""
+        self.sync()
+        return [read_record(Path(r["folder"])) for r in self.rows()]
+
     def counts(self) -> dict[str, int]:
         """Number of runs per status."""
         if not self.path.exists():

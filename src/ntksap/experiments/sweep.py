@@ -660,8 +660,16 @@ def run_sweep(
         _check_slurm()
     cells = plan(spec, out)  # every cell validated before any work
     mine = select_shard(cells, shard)
+    todo: list[Cell] = []
+    outcomes: list[Outcome] = []
+    for c in mine:
+        state = runs.status(c.folder)
+        if state in runs.FINAL_STATUSES or (state == "failed" and not retry_failed):
+            outcomes.append(Outcome(c.name, "skipped", state))
+        else:
+            todo.append(c)
     if executor != "slurm":  # cluster nodes may mount data the login node does not see
-        _check_data(mine)
+        _check_data(todo)
     if out.exists() and not out.is_dir():
         raise SweepError(f"sweep folder {out} exists and is not a folder")
     (out / RUNS_DIR).mkdir(parents=True, exist_ok=True)
@@ -678,14 +686,6 @@ def run_sweep(
     if index is not None:
         index.sync([c.folder for c in cells if c.folder.exists()])
 
-    todo: list[Cell] = []
-    outcomes: list[Outcome] = []
-    for c in mine:
-        state = runs.status(c.folder)
-        if state in runs.FINAL_STATUSES or (state == "failed" and not retry_failed):
-            outcomes.append(Outcome(c.name, "skipped", state))
-        else:
-            todo.append(c)
     done_before = len(mine) - len(todo)
     where = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of {len(cells)})" if shard else ""
     failed_kept = sum(o.before == "failed" for o in outcomes)
@@ -722,12 +722,11 @@ def run_sweep(
 
 
 def _check_data(cells: Sequence[Cell]) -> None:
-    """Each data set the runs read can be opened (its test split, the smaller one), before
-    any work: a missing data set is one clear error, not a failed run folder per cell."""
+    """Each data set the runs to do read can be opened (its test split, the smaller one),
+    before any work: a missing data set is one clear error, not a failed run folder per cell."""
     from ntksap import data
 
-    pending = [c for c in cells if runs.status(c.folder) not in runs.FINAL_STATUSES]
-    for dataset, root in sorted({(c.request.dataset, c.request.data_dir) for c in pending},
+    for dataset, root in sorted({(c.request.dataset, c.request.data_dir) for c in cells},
                                 key=str):  # fmt: skip
         try:
             data.create(dataset, root=root, split="test")
