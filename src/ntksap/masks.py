@@ -203,6 +203,20 @@ class Masks(Mapping[str, torch.Tensor]):
                     out[k] = dead
         return out
 
+    def collapse_warning(self) -> str | None:
+        """The layer-collapse warning every command prints, or None when no tensor is
+        pruned to nothing."""
+        collapsed = self.collapsed()
+        if not collapsed:
+            return None
+        if self.num_kept == 0:
+            return "the mask keeps no weight at all: the network cannot learn (chance accuracy)"
+        return (
+            f"{len(collapsed)} tensor(s) pruned to nothing (layer collapse): "
+            f"{', '.join(collapsed)}; without a bypass the network's output no longer depends "
+            "on its input"
+        )
+
     def dead_head_warning(self) -> str | None:
         """A warning when output units of the last tensor (the model's output layer, in
         registration order) keep no weight but the tensor is not entirely pruned: e.g.

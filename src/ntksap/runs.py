@@ -619,9 +619,9 @@ def _train(
                 masks.save(saved_mask)
     if masks is not None:
         masks.check_covers(model)
-        collapsed = masks.collapsed()
-        if collapsed:
-            _warn(_collapse_message(masks, collapsed))
+        collapse = masks.collapse_warning()
+        if collapse:
+            _warn(collapse)
         head_dead = masks.dead_head_warning()
         if head_dead and env.is_main:
             _warn(head_dead)
@@ -681,15 +681,6 @@ def _train(
         f"(epoch {summary['best_epoch']}), density {summary['density']:.4f}; results in {out}"
     )
     return result
-
-
-def _collapse_message(masks: Masks, collapsed: list[str]) -> str:
-    if masks.num_kept == 0:
-        return "the mask keeps no weight at all: the network cannot learn (chance accuracy)"
-    return (
-        f"{len(collapsed)} tensor(s) pruned to nothing (layer collapse): {', '.join(collapsed)}; "
-        "without a bypass the network's output no longer depends on its input"
-    )
 
 
 def _prune(

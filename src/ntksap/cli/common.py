@@ -165,22 +165,11 @@ def prune_quietly(*args: Any, **kwargs: Any) -> Masks:
 def warn_collapse(masks: Masks, where: str = "") -> list[str]:
     """Print the layer-collapse warning and the dead-output-layer warning (every command
     does); returns the collapsed names."""
-    collapsed = masks.collapsed()
-    if collapsed:
-        prefix = f"{where}: " if where else ""
-        if masks.num_kept == 0:
-            msg = "the mask keeps no weight at all: the network cannot learn"
-        else:
-            msg = (
-                f"{len(collapsed)} tensor(s) pruned to nothing (layer collapse): "
-                f"{', '.join(collapsed)}; without a bypass the output no longer depends on "
-                "the input"
-            )
-        print(f"warning: {prefix}{msg}", file=sys.stderr, flush=True)
-    head = masks.dead_head_warning()
-    if head:
-        print(f"warning: {f'{where}: ' if where else ''}{head}", file=sys.stderr, flush=True)
-    return collapsed
+    prefix = f"{where}: " if where else ""
+    for msg in (masks.collapse_warning(), masks.dead_head_warning()):
+        if msg:
+            print(f"warning: {prefix}{msg}", file=sys.stderr, flush=True)
+    return masks.collapsed()
 
 
 # ---------------------------------------------------------------------------------------
