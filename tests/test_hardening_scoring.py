@@ -44,6 +44,8 @@ def test_every_method_declares_typed_options_with_help():
             "batch_size": (int, 256),
             "init": (str, "auto"),
             "inputs": (str, "noise"),
+            "bn_pass": (str, "fused"),
+            "memory_format": (str, "auto"),
         },
         "grasp": {"temperature": (float, 200.0)},
         "synflow": {"precision": (str, "auto")},

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ntksap
+from ntksap.scoring.ntksap import draw_seed
 from conftest import INPUT_SHAPE, class_balanced_batch, small_convnet
 from ntksap.cli import main
 from ntksap.runs import CONFIG_FILE, MASK_FILE
@@ -50,8 +51,9 @@ def _mask(net: nn.Module, seed: int = 5) -> dict[str, torch.Tensor]:
 def test_data_inputs_score_equals_direct_autograd_on_real_images() -> None:
     """num_samples 7 from 5 images, batches of 3: both resamples cycle through the data.
 
-    The draws are reproduced in the scorer's order per batch: theta by each Linear's
-    reset_parameters, then delta ~ N(0, eps^2) per prunable tensor; no z is drawn.
+    The draws are reproduced by the scorer's protocol: per batch k a generator seeded by
+    draw_seed(round seed, k), from which a seed for the Linears' reset_parameters (theta),
+    then delta ~ N(0, eps^2) per prunable tensor; no z is drawn.
     """
     net, batches = _mlp(), _data()
     cur = _mask(net)
@@ -64,18 +66,22 @@ def test_data_inputs_score_equals_direct_autograd_on_real_images() -> None:
     images = torch.cat([x for x, _ in batches])  # 5 images, read as a cyclic stream
     stream = [images[i % len(images)] for i in range(resamples * num_samples)]
     torch.manual_seed(seed)
+    base = int(torch.randint(0, (1 << 63) - 1, ()))
     tmp = copy.deepcopy(net)
     names = ["0.weight", "2.weight"]
     m = {n: cur[n].float().requires_grad_(True) for n in names}
     total = {n: torch.zeros_like(v) for n, v in m.items()}
-    position = 0
+    position, k = 0, 0
     for _ in range(resamples):
         for bs in (3, 3, 1):  # 7 images in batches of 3
-            with torch.no_grad():
+            gen = torch.Generator().manual_seed(draw_seed(base, k))
+            k += 1
+            with torch.no_grad(), torch.random.fork_rng():
+                torch.manual_seed(int(torch.randint(0, (1 << 63) - 1, (), generator=gen)))
                 tmp[0].reset_parameters()
                 tmp[2].reset_parameters()
             theta = {n: tmp.get_parameter(n).detach().clone() for n in names}
-            delta = {n: torch.randn_like(theta[n]) * eps for n in names}
+            delta = {n: torch.randn(theta[n].shape, generator=gen) * eps for n in names}
             x = torch.stack(stream[position : position + bs])
             position += bs
 

@@ -504,6 +504,7 @@ class _Setup:
     output_width: int | None
     snapshot: _Snapshot
     metadata: dict[str, Any]  # facts about the model and the prunable set, for the masks
+    group: tuple[int, int] = (0, 1)  # (rank, world size) of distributed scoring
 
 
 def _setup(
@@ -519,11 +520,13 @@ def _setup(
     options: dict[str, Any],
     output_fn: Callable[[Any], Any] | None,
     check: Callable[[dict[str, nn.Parameter]], None] | None = None,
+    distributed: bool = False,
 ) -> _Setup:
     """Validate everything, deep-copy the model, then check the input shape with one forward
     of the copy (the only forward before scoring, and only after every other check)."""
     meth = get_method(method)
     opts = meth.resolve_options(options)
+    group = _process_group(distributed)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     validate.boolean("include_bias", include_bias)
@@ -582,6 +585,9 @@ def _setup(
     work_params = dict(work.named_parameters())
     for p in work.parameters():
         p.requires_grad_(False)  # scorers differentiate w.r.t. masks or weight copies only
+    if group[1] > 1:
+        _broadcast_state(work, dev)  # every rank scores rank 0's model
+        metadata["processes"] = group[1]
     snapshot = _Snapshot(work)  # taken before the shape check, restored after every round
     width = None
     if shape is not None:
@@ -601,10 +607,65 @@ def _setup(
         output_width=width,
         snapshot=snapshot,
         metadata=metadata,
+        group=group,
     )
 
 
+def _process_group(distributed: bool) -> tuple[int, int]:
+    """(rank, world size) for `distributed` scoring; (0, 1) without it.
+
+    Raises:
+        ValueError: distributed=True outside an initialised torch.distributed job.
+    """
+    validate.boolean("distributed", distributed)
+    if not distributed:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError(
+            "distributed=True splits the scoring across the processes of a torch.distributed "
+            "job: launch with torchrun and call torch.distributed.init_process_group first "
+            "(every rank must call prune with the same arguments), or use distributed=False"
+        )
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    import torch.distributed as dist
+
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@torch.no_grad()
+def _broadcast_state(model: nn.Module, device: torch.device) -> None:
+    """Rank 0's parameters and floating buffers on every rank (in place)."""
+    import torch.distributed as dist
+
+    where = _collective_device(device)
+    for t in [*model.parameters(), *model.buffers()]:
+        buf = t.detach().to(where)
+        dist.broadcast(buf, src=0)
+        t.copy_(buf)
+
+
+def _broadcast_masks(masks: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Rank 0's masks on every rank (in place): the selection is made once for all.
+
+    The summed scores agree across ranks to the last bit in practice; broadcasting makes
+    every rank continue from exactly the same mask even at a float tie of the threshold.
+    """
+    import torch.distributed as dist
+
+    where = _collective_device(device)
+    for n, m in masks.items():
+        buf = m.to(where, torch.uint8)
+        dist.broadcast(buf, src=0)
+        masks[n] = buf.to(m.device).bool()
+
+
 def _context(st: _Setup, masks: dict[str, torch.Tensor], t: int, rounds: int) -> ScoreContext:
+    rank, world = st.group
     return ScoreContext(
         model=st.work,
         params=st.params,
@@ -618,6 +679,8 @@ def _context(st: _Setup, masks: dict[str, torch.Tensor], t: int, rounds: int) ->
         dtype=st.compute_dtype,
         output_fn=st.output_fn,
         output_width=st.output_width,
+        rank=rank,
+        world_size=world,
     )
 
 
@@ -670,6 +733,7 @@ def compute_scores(
     include: Sequence[str] = (),
     device: str | torch.device | None = None,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
+    distributed: bool = False,
     **options: Any,
 ) -> dict[str, torch.Tensor]:
     """One round of `method`'s raw scores (higher = keep) at `masks` (default: dense).
@@ -698,6 +762,7 @@ def compute_scores(
         options=options,
         output_fn=output_fn,
         check=_check_masks(masks),
+        distributed=distributed,
     )
     if masks is None:
         cur = {n: torch.ones_like(p, dtype=torch.bool) for n, p in st.params.items()}
@@ -729,6 +794,7 @@ def prune(
     device: str | torch.device | None = None,
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
+    distributed: bool = False,
     **options: Any,
 ) -> Masks:
     """Compute pruning masks for `model` at initialisation. The model is left untouched.
@@ -764,6 +830,14 @@ def prune(
         output_fn: for a model whose forward returns a tuple, dict or output object: maps
             that output to the logits tensor (batch, outputs), e.g.
             `output_fn=lambda out: out.logits`. Every method scores through it.
+        distributed: split the scoring across the processes of an initialised
+            torch.distributed job (torchrun): every rank calls `prune` with the same
+            arguments and gets the same masks. NTK-SAP splits its (resample, noise batch)
+            draws, each seeded by its index, so the result does not depend on the number of
+            processes (up to float64 rounding of the summed gradients); snip, itersnip and
+            grasp split their data batches (batch b on rank b mod world) and sum the
+            gradients; the other methods are cheap and computed on every rank. Rank 0's
+            model is used (broadcast) and its mask selection is broadcast every round.
         **options: method options, e.g. ntksap `epsilon`, `resamples`, `num_samples`,
             `batch_size`, `init`, `inputs`; grasp `temperature`; synflow `precision` (see
             `ntksap.get_method(name).options` for types, defaults and help).
@@ -808,6 +882,7 @@ def prune(
         options=options,
         output_fn=output_fn,
         check=check_count,
+        distributed=distributed,
     )
 
     masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in st.params.items()}
@@ -829,6 +904,8 @@ def prune(
             if invert:
                 scores = {n: -s for n, s in scores.items()}
             masks = select(scores, masks, densities[t], scope, ties)
+            if st.group[1] > 1:
+                _broadcast_masks(masks, st.device)
     result = Masks(
         {n: m.cpu() for n, m in masks.items()},
         {

@@ -21,8 +21,10 @@ from torch import nn
 
 M = TypeVar("M", bound=nn.Module)
 
-_WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+#: The layers whose weights are Kaiming-normal drawn, and the norms set to 1 / 0.
+KAIMING_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+KAIMING_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_WEIGHTED, _NORMS = KAIMING_LAYERS, KAIMING_NORMS
 
 
 @torch.no_grad()

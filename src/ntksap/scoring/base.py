@@ -181,6 +181,9 @@ class ScoreContext:
         output_fn: maps the model's raw output to the logits tensor (None: it is one).
         output_width: numbers per input in the logits (from the loop's shape check), or
             None when unknown.
+        rank / world_size: this process's place in a distributed scoring job (`prune(...,
+            distributed=True)` under torchrun); 0 / 1 otherwise. A scorer that splits its
+            work takes its share with `shard` and sums the parts with `all_reduce_`.
     """
 
     model: nn.Module
@@ -195,6 +198,49 @@ class ScoreContext:
     dtype: torch.dtype = torch.float32
     output_fn: Callable[[Any], torch.Tensor] | None = None
     output_width: int | None = None
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def distributed(self) -> bool:
+        """Whether the scoring work is split across `world_size` > 1 processes."""
+        return self.world_size > 1
+
+    def shard(self, items: Sequence[Any]) -> list[Any]:
+        """This rank's share of `items`: those at positions rank, rank + world, ...
+
+        Positions, not contents, decide the share, so every rank computes the same split.
+
+        >>> ScoreContext(None, {}, {}, None, None, torch.device("cpu"), rank=1,
+        ...              world_size=2).shard(["a", "b", "c"])
+        ['b']
+        """
+        return list(items)[self.rank :: self.world_size]
+
+    def all_reduce_(self, tensors: Sequence[torch.Tensor]) -> None:
+        """Sum every tensor over the ranks, in place (nothing to do in one process)."""
+        if not self.distributed:
+            return
+        import torch.distributed as dist
+
+        where = _collective_device(self.device)
+        for t in tensors:
+            if t.device == where:
+                dist.all_reduce(t)
+            else:  # e.g. gloo with CUDA tensors: reduce a CPU copy
+                buf = t.to(where)
+                dist.all_reduce(buf)
+                t.copy_(buf)
+
+    def broadcast_int(self, value: int) -> int:
+        """Rank 0's `value` on every rank (a seed drawn once, used by all)."""
+        if not self.distributed:
+            return value
+        import torch.distributed as dist
+
+        box = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.device))
+        dist.broadcast(box, src=0)
+        return int(box.item())
 
     def mask_float(self, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
         """Current masks as 0/1 float tensors (dtype of the parameters unless given)."""
@@ -210,6 +256,13 @@ class ScoreContext:
 
 
 ScoreFn = Callable[[ScoreContext], Scores]
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    """Where a collective's buffer must live: the GPU for nccl, the CPU for gloo."""
+    import torch.distributed as dist
+
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 def _output_hint(out: Any) -> str:
@@ -426,4 +479,26 @@ def cross_entropy_sum_over_batches(
         loss = nn.functional.cross_entropy(out / temperature, y)
         total = loss if total is None else total + loss  # stays in the compute dtype
     assert total is not None
+    return total
+
+
+def summed_batch_gradients(
+    ctx: ScoreContext,
+    loss_of_batch: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+) -> list[torch.Tensor]:
+    """sum over the data's batches of d loss_of_batch(x, y) / d inputs, in float64.
+
+    One backward per batch, each gradient added in float64: the batches can be split across
+    the ranks of a distributed job (`ctx.shard`: batch b on rank b mod world) and the
+    parts summed (`ctx.all_reduce_`), and the total agrees with one process's to float64
+    rounding, whatever the number of processes. A rank without batches contributes zeros.
+    """
+    if not ctx.data:
+        raise ValueError("this method needs data: pass data=[(inputs, targets), ...]")
+    total = [torch.zeros_like(t, dtype=torch.float64) for t in inputs]
+    for x, y in ctx.shard(ctx.data):
+        for acc, g in zip(total, torch.autograd.grad(loss_of_batch(x, y), list(inputs))):
+            acc.add_(g)
+    ctx.all_reduce_(total)
     return total

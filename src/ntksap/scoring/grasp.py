@@ -16,8 +16,8 @@ from ntksap.scoring.base import (
     Option,
     ScoreContext,
     Scores,
-    cross_entropy_sum_over_batches,
     register_method,
+    summed_batch_gradients,
 )
 
 
@@ -48,17 +48,16 @@ def grasp_scores(ctx: ScoreContext) -> Scores:
     w = {n: (theta[n] * masks[n]).requires_grad_(True) for n in names}
 
     # Pass 1: g = sum_b grad_w L_b (no graph kept).
-    loss = cross_entropy_sum_over_batches(ctx, w, temp)
-    g = torch.autograd.grad(loss, [w[n] for n in names])
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(ctx.forward(w, x) / temp, y)
 
-    # Pass 2, per batch (bounded memory): Hg += grad_w (grad_w L_b . g).
-    hg = [torch.zeros_like(t) for t in g]
-    assert ctx.data is not None
-    for x, y in ctx.data:
-        out = ctx.forward(w, x)
-        loss_b = torch.nn.functional.cross_entropy(out / temp, y)
-        gb = torch.autograd.grad(loss_b, [w[n] for n in names], create_graph=True)
-        z = sum((a * b).sum() for a, b in zip(gb, g))
-        for acc, h in zip(hg, torch.autograd.grad(z, [w[n] for n in names])):
-            acc.add_(h)
-    return {n: theta[n] * h for n, h in zip(names, hg)}
+    # g = sum_b grad L_b (float64 sum, split over ranks), a constant in the second step
+    g = [t.to(ctx.dtype) for t in summed_batch_gradients(ctx, loss, [w[n] for n in names])]
+
+    def grad_dot_g(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        gb = torch.autograd.grad(loss(x, y), [w[n] for n in names], create_graph=True)
+        return sum((a * b).sum() for a, b in zip(gb, g))  # type: ignore[return-value]
+
+    # H g = sum_b d(grad L_b . g)/dw, by double backward
+    hg = summed_batch_gradients(ctx, grad_dot_g, [w[n] for n in names])
+    return {n: theta[n] * h.to(ctx.dtype) for n, h in zip(names, hg)}

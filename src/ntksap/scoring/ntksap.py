@@ -28,11 +28,16 @@ the published, data-free method.
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch import nn
 
-from ntksap.reinit import INIT_SCHEMES, redraw_
+from ntksap.models.init import KAIMING_LAYERS, KAIMING_NORMS
+from ntksap.reinit import INIT_SCHEMES
 from ntksap.scoring.base import (
     Option,
     ScoreContext,
@@ -46,6 +51,12 @@ NTKSAP_INITS = ("auto", *INIT_SCHEMES, "none")
 #: Where the inputs z_i come from: "noise" (N(0, I), the published method) or "data".
 NTKSAP_INPUTS = ("noise", "data")
 
+#: How the BatchNorm statistics of the clean network are measured (see `draw_gradients`).
+BN_PASSES = ("fused", "separate")
+
+#: Layout of the inputs (and so of every conv activation).
+MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
+
 # Attribute set by `ntksap.models.create` naming the scheme the model was initialised with.
 INIT_ATTRIBUTE = "ntksap_init_scheme"
 
@@ -58,7 +69,8 @@ def noise_batch_sizes(num_samples: int, batch_size: int) -> list[int]:
 
 @torch.no_grad()
 def set_clean_bn_statistics(ctx: ScoreContext, weights: dict[str, torch.Tensor], z: torch.Tensor):
-    """Running stats of every BatchNorm := the clean network's statistics on batch `z`."""
+    """Running stats of every BatchNorm := the clean network's statistics on batch `z`
+    (the reference's separate pass: reset, momentum 1, one no-grad train-mode forward)."""
     bns = batchnorms(ctx.model)
     if not bns:
         return
@@ -99,8 +111,155 @@ def real_input_batch(pool: torch.Tensor, start: int, size: int) -> torch.Tensor:
     return pool.index_select(0, index)
 
 
+def _record_statistics(bn: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+    """Forward pre-hook: running stats := this batch's mean and unbiased variance, read
+    from the BatchNorm's own input (no gradient), before it normalises with them."""
+    with torch.no_grad():
+        torch.batch_norm_update_stats(args[0], bn.running_mean, bn.running_var, 1.0)
+
+
+@contextlib.contextmanager
+def fused_clean_statistics(model: nn.Module) -> Iterator[None]:
+    """While active, every BatchNorm (eval mode) first sets its running statistics to those
+    of its current input, then normalises with them: the clean forward measures its own
+    statistics as it goes, and the perturbed forward after it (hooks removed) is normalised
+    with them. BatchNorms without running statistics are left alone (they normalise with
+    batch statistics in either mode, as in the reference).
+    """
+    hooks = [
+        bn.register_forward_pre_hook(_record_statistics)
+        for bn in batchnorms(model)
+        if bn.track_running_stats and bn.running_mean is not None
+    ]
+    try:
+        yield
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def draw_seed(base: int, index: int) -> int:
+    """The seed of draw `index` of a round whose base seed is `base` (splitmix64 mix).
+
+    Every (resample, noise batch) draw has its own seed, so a draw is the same whichever
+    process computes it and in whatever order: 1 and N processes score alike.
+
+    >>> draw_seed(7, 0) != draw_seed(7, 1), draw_seed(7, 3) == draw_seed(7, 3)
+    (True, True)
+    """
+    x = (base * 0x9E3779B97F4A7C15 + index + 1) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (x ^ (x >> 31)) & _MASK63
+
+
+_MASK64 = (1 << 64) - 1
+_MASK63 = (1 << 63) - 1
+
+
+@torch.no_grad()
+def redraw_seeded_(model: nn.Module, scheme: str, generator: torch.Generator) -> None:
+    """Re-draw the model's weights from `scheme`, every random number from `generator`.
+
+    "kaiming" (the zoo and reference models): each Conv/Linear weight ~ N(0, 2 / fan_in)
+    drawn in place, biases 0, BatchNorm 1 / 0 and its statistics reset, other modules'
+    `reset_parameters()` under a seed from `generator`: the same distribution as
+    `ntksap.reinit.redraw_(model, "kaiming")`, which first runs every module's
+    `reset_parameters()` and then overwrites most of it (twice the random numbers).
+    "reset": every module's `reset_parameters()`, torch's RNG seeded from `generator` (and
+    restored afterwards).
+    """
+    if scheme == "kaiming":
+        # the other modules first: a custom module's reset may re-draw its children, and
+        # the Kaiming draw must win, as in redraw_ (every reset, then kaiming_init_)
+        modules = [
+            m
+            for m in model.modules()
+            if not isinstance(m, KAIMING_LAYERS + KAIMING_NORMS)
+            and callable(getattr(m, "reset_parameters", None))
+        ]
+    else:
+        modules = [m for m in model.modules() if callable(getattr(m, "reset_parameters", None))]
+    if modules:
+        seed = int(torch.randint(0, _MASK63, (), generator=generator, device=generator.device))
+        devices = sorted(
+            {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+        )
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for m in modules:
+                m.reset_parameters()
+    if scheme != "kaiming":
+        return
+    for m in model.modules():
+        if isinstance(m, KAIMING_LAYERS):
+            fan_in = nn.init._calculate_fan_in_and_fan_out(m.weight)[0]
+            m.weight.normal_(0.0, math.sqrt(2.0 / fan_in), generator=generator)
+            if m.bias is not None:
+                m.bias.zero_()
+        elif isinstance(m, KAIMING_NORMS):
+            m.reset_running_stats()
+            if m.affine:
+                m.weight.fill_(1.0)
+                m.bias.fill_(0.0)
+
+
+def round_base_seed(ctx: ScoreContext) -> int:
+    """One seed per round from torch's RNG (seeded by `prune`), rank 0's in a distributed
+    job; every draw of the round derives its own seed from it (`draw_seed`)."""
+    return ctx.broadcast_int(int(torch.randint(0, _MASK63, ())))
+
+
+def use_channels_last(ctx: ScoreContext) -> bool:
+    """Whether to feed channels_last inputs: option "auto" = yes for 2-d conv nets on CUDA
+    and for 2-d conv nets whose convs are mostly narrow (<= 128 channels) on the CPU, where
+    oneDNN runs them faster in NHWC; wide CPU convs (VGG's 512) run as fast or faster NCHW.
+    """
+    fmt = ctx.options["memory_format"]
+    if fmt != "auto" or ctx.input_shape is None or len(ctx.input_shape) != 3:
+        return fmt == "channels_last"
+    convs = [m for m in ctx.model.modules() if isinstance(m, nn.Conv2d)]
+    if not convs:
+        return False
+    if ctx.device.type == "cuda":
+        return True
+    narrow = sum(m.weight.numel() for m in convs if m.out_channels <= 128)
+    return 2 * narrow >= sum(m.weight.numel() for m in convs)
+
+
+def draw_gradients(
+    ctx: ScoreContext,
+    m: dict[str, torch.Tensor],
+    z: torch.Tensor,
+    delta: dict[str, torch.Tensor],
+) -> tuple[torch.Tensor, ...]:
+    """dR_i/dm for one draw (theta_i in the model, noise z_i, perturbation delta_i), in the
+    order of `m`: R_i = ||f(z; theta * m) - f(z; (theta + delta) * m)||^2, BatchNorm by the
+    clean network's statistics on z (option bn_pass: "separate" = the reference's extra
+    no-grad train-mode pass, "fused" = measured inside the clean forward)."""
+    names = list(m)
+    theta = {n: ctx.params[n].detach() for n in names}
+    if ctx.options["bn_pass"] == "separate":
+        set_clean_bn_statistics(ctx, {n: theta[n] * m[n].detach() for n in names}, z)
+        ctx.model.eval()
+        clean = ctx.forward({n: theta[n] * m[n] for n in names}, z)
+    else:
+        ctx.model.eval()
+        with fused_clean_statistics(ctx.model):
+            clean = ctx.forward({n: theta[n] * m[n] for n in names}, z)
+    perturbed = ctx.forward({n: (theta[n] + delta[n]) * m[n] for n in names}, z)
+    r = (clean - perturbed).pow(2).sum()
+    return torch.autograd.grad(r, [m[n] for n in names])
+
+
 def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
-    """dR/dm summed over every (resample, noise batch) draw of one round (signed).
+    """dR/dm summed over every (resample, noise batch) draw of one round (signed, float64).
+
+    Draw k = r * B + b (resample r, noise batch b of B) re-draws theta, then z and delta,
+    all from a generator seeded by `draw_seed(round seed, k)`: its own stream, so the
+    draws can be split across processes (`ctx.shard`: rank j takes k = j, j + world, ...)
+    and the per-draw gradients summed in float64 (`ctx.all_reduce_`) give the same total
+    as one process up to float64 rounding (~1e-16 relative).
 
     With inputs="data" the batches z_i are real images instead of noise, read as one cyclic
     stream over the given data (see `real_input_batch`) that continues across resamples and
@@ -109,49 +268,50 @@ def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     So with at least rounds x resamples x num_samples images no image is seen twice (like
     fresh noise); with fewer, the images repeat (with exactly num_samples, e.g. `ntksap.run`'s
     10 per class at the default num_samples = 10 x classes, every draw sees the same images
-    and only theta_i and delta_i change). No z is drawn, so the random stream then holds only
-    theta_i and delta_i.
+    and only theta_i and delta_i change).
     """
     opts = ctx.options
     eps = float(opts["epsilon"])
     resamples = int(opts["resamples"])
-    batch_size = int(opts["batch_size"])
-    num_samples = opts["num_samples"]
+    num_samples = int(opts["num_samples"])
     init = opts["init"]
-    assert ctx.input_shape is not None and num_samples is not None
+    assert ctx.input_shape is not None
     pool = real_input_pool(ctx) if opts["inputs"] == "data" else None
-    position = (ctx.round - 1) * resamples * int(num_samples)  # in the real-input stream
+    sizes = noise_batch_sizes(num_samples, int(opts["batch_size"]))
+    starts = [sum(sizes[:b]) for b in range(len(sizes))]  # of each batch in its resample
+    channels_last = use_channels_last(ctx)
+    base = round_base_seed(ctx)
 
     names = list(ctx.params)
     m = {n: v.requires_grad_(True) for n, v in ctx.mask_float().items()}
-    grad = {n: torch.zeros_like(ctx.params[n], dtype=m[n].dtype) for n in names}
-    for _ in range(resamples):
-        for bs in noise_batch_sizes(int(num_samples), batch_size):
-            if init != "none":
-                redraw_(ctx.model, init)  # theta_i: a fresh draw for this noise batch
-            theta = {n: ctx.params[n].detach() for n in names}
-            # Noise is drawn in float32 and cast, so a float64 model sees the z and delta of
-            # its float32 twin (same seed) and only computes more precisely.
-            if pool is None:
-                z = _normal((bs, *ctx.input_shape), ctx)
-            else:
-                z = real_input_batch(pool, position, bs)
-                position += bs
-            delta = {n: _normal(theta[n].shape, ctx) * eps for n in names}
-
-            set_clean_bn_statistics(ctx, {n: theta[n] * m[n].detach() for n in names}, z)
-            ctx.model.eval()
-            clean = ctx.forward({n: theta[n] * m[n] for n in names}, z)
-            perturbed = ctx.forward({n: (theta[n] + delta[n]) * m[n] for n in names}, z)
-            r = (clean - perturbed).pow(2).sum()
-            for n, g in zip(names, torch.autograd.grad(r, [m[n] for n in names])):
-                grad[n].add_(g)
+    grad = {n: torch.zeros_like(ctx.params[n], dtype=torch.float64) for n in names}
+    draws = [(r, b) for r in range(resamples) for b in range(len(sizes))]
+    for k, (r, b) in ctx.shard(list(enumerate(draws))):
+        gen = torch.Generator(device=ctx.device).manual_seed(draw_seed(base, k))
+        if init != "none":
+            redraw_seeded_(ctx.model, init, gen)  # theta_i: a fresh draw for this batch
+        # Noise is drawn in float32 and cast, so a float64 model sees the z and delta of
+        # its float32 twin (same seed) and only computes more precisely.
+        if pool is None:
+            z = _normal((sizes[b], *ctx.input_shape), ctx, gen)
+        else:
+            position = ((ctx.round - 1) * resamples + r) * num_samples + starts[b]
+            z = real_input_batch(pool, position, sizes[b])
+        if channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        delta = {n: _normal(ctx.params[n].shape, ctx, gen) * eps for n in names}
+        for n, g in zip(names, draw_gradients(ctx, m, z, delta)):
+            grad[n].add_(g)
+    ctx.all_reduce_(list(grad.values()))
     return grad
 
 
-def _normal(shape: tuple[int, ...] | torch.Size, ctx: ScoreContext) -> torch.Tensor:
+def _normal(
+    shape: tuple[int, ...] | torch.Size, ctx: ScoreContext, generator: torch.Generator
+) -> torch.Tensor:
     """N(0, 1) of `shape` drawn in float32 on the scoring device, in the compute dtype."""
-    return torch.randn(shape, device=ctx.device, dtype=torch.float32).to(ctx.dtype)
+    out = torch.randn(shape, device=ctx.device, dtype=torch.float32, generator=generator)
+    return out.to(ctx.dtype)
 
 
 @torch.no_grad()
@@ -206,6 +366,21 @@ def default_num_samples(ctx: ScoreContext) -> int:
             "inputs z: noise N(0, I) (the paper, data-free) or data (real images; ablation)",
             choices=NTKSAP_INPUTS,
         ),
+        Option(
+            "bn_pass",
+            "fused",
+            str,
+            "BatchNorm statistics of the clean net: fused (measured in its forward) or "
+            "separate (the reference's extra train-mode pass)",
+            choices=BN_PASSES,
+        ),
+        Option(
+            "memory_format",
+            "auto",
+            str,
+            "input layout: auto (channels_last for narrow 2-d convs on CPU, all on CUDA)",
+            choices=MEMORY_FORMATS,
+        ),
     ],
     summary="NTK spectrum-aware, finite-difference NTK trace (Wang 2023, data-free by default)",
     needs_data_when=reads_data,
@@ -238,4 +413,5 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
     if ctx.options["num_samples"] is None:
         # resolved once; the loop keeps the options dict across rounds and records it
         ctx.options["num_samples"] = default_num_samples(ctx)
-    return {n: g.abs() * ctx.masks[n] for n, g in ntksap_round_gradients(ctx).items()}
+    grads = ntksap_round_gradients(ctx)
+    return {n: g.abs().to(ctx.dtype) * ctx.masks[n] for n, g in grads.items()}

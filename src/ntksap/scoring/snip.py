@@ -11,19 +11,24 @@ import torch
 from ntksap.scoring.base import (
     ScoreContext,
     Scores,
-    cross_entropy_sum_over_batches,
     register_method,
+    summed_batch_gradients,
 )
 
 
 def connection_sensitivity(ctx: ScoreContext) -> Scores:
-    """|d(sum_b CE_b)/dm| at the current mask, gradients summed over all batches first."""
+    """|d(sum_b CE_b)/dm| at the current mask, gradients summed over all batches first
+    (in float64; split across the ranks of a distributed job)."""
     ctx.model.train()  # BatchNorm normalises with each batch's statistics, as the reference
     theta = {n: p.detach() for n, p in ctx.params.items()}
     m = {n: v.requires_grad_(True) for n, v in ctx.mask_float().items()}
-    loss = cross_entropy_sum_over_batches(ctx, {n: theta[n] * m[n] for n in theta})
-    grads = torch.autograd.grad(loss, list(m.values()))
-    return {n: g.abs() for n, g in zip(m, grads)}
+    w = {n: theta[n] * m[n] for n in theta}  # one graph node per tensor, reused by batches
+
+    def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(ctx.forward(w, x), y)
+
+    grads = summed_batch_gradients(ctx, loss, list(m.values()))
+    return {n: g.abs().to(ctx.dtype) for n, g in zip(m, grads)}
 
 
 @register_method(
