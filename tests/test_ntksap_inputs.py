@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import ntksap
-from ntksap.scoring.ntksap import draw_seed
 from conftest import INPUT_SHAPE, class_balanced_batch, small_convnet
 from ntksap.cli import main
 from ntksap.runs import CONFIG_FILE, MASK_FILE
+from ntksap.scoring.ntksap import draw_seed
 
 MLP_IN = 6
 
