@@ -691,23 +691,31 @@ def _prune(
     progress: bool,
     log: Callable[[str], None],
 ) -> Masks:
-    """Prune on rank 0 and broadcast the masks (every rank trains the same network)."""
+    """Prune and give every rank the same masks.
+
+    Under torchrun every rank scores its share (`prune(..., distributed=True)`: NTK-SAP's
+    draws, or the data batches, split across the ranks) and the masks are rank 0's on all;
+    in one process, rank 0 is the only one.
+    """
     assert req.method is not None and req.density is not None
     meth = get_method(req.method)
     local = None
     settings = req.prune_settings
-    if env.is_main:
+    if env.is_main or env.distributed:
         batches = (
             data.prune_batches(train_ds, per_class=10, seed=req.train.seed)
             if meth.needs_data_for(req.options)  # e.g. ntksap with inputs="data"
             else None
         )
-        log(f"pruning {req.model} with {meth.name} to density {req.density:.4g}")
+        if env.is_main:
+            where = f" on {env.world_size} processes" if env.distributed else ""
+            log(f"pruning {req.model} with {meth.name} to density {req.density:.4g}{where}")
         with warnings.catch_warnings():  # collapse is reported by _train, once, with the fix
             warnings.simplefilter("ignore", LayerCollapseWarning)
             local = prune(
                 model, meth.name, density=req.density, input_shape=train_ds.info.input_shape,
-                data=batches, device=env.device, progress=progress, **settings, **req.options,
+                data=batches, device=env.device, progress=progress and env.is_main,
+                distributed=env.distributed, **settings, **req.options,
             )  # fmt: skip
     targets = prunable_parameters(
         model,

@@ -22,9 +22,9 @@ def connection_sensitivity(ctx: ScoreContext) -> Scores:
     ctx.model.train()  # BatchNorm normalises with each batch's statistics, as the reference
     theta = {n: p.detach() for n, p in ctx.params.items()}
     m = {n: v.requires_grad_(True) for n, v in ctx.mask_float().items()}
-    w = {n: theta[n] * m[n] for n in theta}  # one graph node per tensor, reused by batches
 
     def loss(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        w = {n: theta[n] * m[n] for n in theta}  # per batch: each backward frees its graph
         return torch.nn.functional.cross_entropy(ctx.forward(w, x), y)
 
     grads = summed_batch_gradients(ctx, loss, list(m.values()))
