@@ -250,6 +250,9 @@ def test_torchrun_ntksap_run_writes_once_from_rank_zero(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["world_size"] == 2 and result["density"] == pytest.approx(0.1, abs=1e-4)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    # the pruning itself was split across both processes (distributed scoring)
+    assert ntksap.Masks.load(out / "mask.safetensors").metadata["processes"] == 2
+    assert "pruning lenet5 with ntksap to density 0.1 on 2 processes" in proc.stdout
 
 
 def test_sigkilled_cli_run_resumes_bit_identical(tmp_path):
