@@ -47,7 +47,7 @@ import torch
 from _common import cpu_name
 
 import ntksap
-from ntksap import models
+from ntksap import heap, models
 
 PAPER = {
     "ntksap": {"rounds": 20, "resamples": 5, "num_samples": 100, "batch_size": 256},
@@ -93,12 +93,14 @@ NETWORKS = {
 }
 DEFAULT_TIMED_ROUNDS = {"resnet20": None, "vgg16_bn": 2}
 
-#: variant -> (method, extra options, autocast dtype)
+#: variant -> (method, extra options, autocast dtype, heap reuse). The baseline runs
+#: without ntksap's allocator policy (`ntksap.heap`), which is part of "ours".
 VARIANTS = {
-    "baseline": ("ntksap_reference", {}, None),
-    "ntksap": ("ntksap", {}, None),
-    "ntksap_separate": ("ntksap", {"bn_pass": "separate"}, None),
-    "ntksap_bf16": ("ntksap", {}, torch.bfloat16),
+    "baseline": ("ntksap_reference", {}, None, False),
+    "ntksap": ("ntksap", {}, None, True),
+    "ntksap_separate": ("ntksap", {"bn_pass": "separate"}, None, True),
+    "ntksap_no_heap_reuse": ("ntksap", {}, None, False),
+    "ntksap_bf16": ("ntksap", {}, torch.bfloat16, True),
 }
 
 
@@ -110,7 +112,7 @@ def _flops_per_batch(net, variant: str, settings: dict, device: torch.device) ->
     from ntksap.pruning import _context, _setup
     from ntksap.scoring import ntksap as fast
 
-    method, extra, amp = VARIANTS[variant]
+    method, extra, amp, _ = VARIANTS[variant]
     one = {**{k: v for k, v in settings.items() if k != "rounds"}, **extra}
     one.update(resamples=1, num_samples=settings["batch_size"] if settings["num_samples"]
                > settings["batch_size"] else settings["num_samples"])  # fmt: skip
@@ -188,8 +190,9 @@ def ntksap_suite(args: argparse.Namespace) -> None:
         runs: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.repeats):  # interleaved, so drifts of the machine hit all alike
             for v in variants:
-                method, extra, amp = VARIANTS[v]
+                method, extra, amp, reuse = VARIANTS[v]
                 kw = {**paper, **extra, "rounds": timed}
+                heap.ENABLED = reuse
                 # the schedule of a T-round run, cut after `timed` rounds: same work per round
                 with ntksap_reference.registered():
                     fast._AUTOCAST[0] = amp
@@ -202,6 +205,7 @@ def ntksap_suite(args: argparse.Namespace) -> None:
                         runs[v].append(time.perf_counter() - t)
                     finally:
                         fast._AUTOCAST[0] = None
+                        heap.ENABLED = True
                 print(f"  {v:16s} {runs[v][-1]:8.2f} s for {timed} round(s)", flush=True)
         base = statistics.median(runs["baseline"])
         draws_per_round = paper["resamples"] * len(sizes)

@@ -194,3 +194,43 @@ def test_peak_memory_does_not_grow_with_rounds_or_resamples():
     small, large = _peak_kib(2, 1), _peak_kib(12, 8)
     assert small > 8 * 1024  # the measurement sees at least one activation
     assert large - small < 1.5 * small, (small, large)
+
+
+HEAP_SCRIPT = textwrap.dedent(
+    """
+    import resource, torch
+    from ntksap.heap import reuse_freed_memory
+    torch.set_num_threads(1)
+    def faults_of_second_alloc():
+        x = torch.ones(16 * 2**20)  # 64 MiB, touched
+        del x
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        y = torch.ones(16 * 2**20)
+        del y
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    def rss_kib():
+        return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1])
+    plain = faults_of_second_alloc()
+    with reuse_freed_memory() as active:
+        reused = faults_of_second_alloc()
+        held = rss_kib()
+    print(plain, reused, int(active), held - rss_kib())
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc allocator policy")
+def test_heap_reuse_avoids_page_faults_and_returns_the_memory_afterwards():
+    """A 64 MiB block freed and allocated again page-faults all its 16,384 pages by default
+    (glibc mmap/munmap); inside reuse_freed_memory the second allocation reuses the heap
+    (almost no faults), and on exit the kept memory goes back to the OS."""
+    out = subprocess.run(
+        [sys.executable, "-c", HEAP_SCRIPT], capture_output=True, text=True, check=True,
+        timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    plain, reused, active, returned_kib = (int(v) for v in out.stdout.split())
+    if not active:
+        pytest.skip("no glibc mallopt here")
+    assert plain > 10_000  # 64 MiB = 16,384 pages of 4 KiB, faulted again
+    assert reused < 1_000
+    assert returned_kib > 32 * 1024  # the kept 64 MiB block is trimmed on exit

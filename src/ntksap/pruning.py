@@ -42,6 +42,7 @@ from torch.nn.utils import parametrize
 
 from ntksap import validate
 from ntksap.attach import private_copy
+from ntksap.heap import reuse_freed_memory
 from ntksap.masks import Masks
 from ntksap.models.base import MODEL_ATTRIBUTE
 from ntksap.scoring import Method, ScoreContext, get_method, list_methods
@@ -769,7 +770,7 @@ def compute_scores(
     else:
         given = masks if isinstance(masks, Masks) else Masks(masks)
         cur = {n: given[n].to(st.device) for n in st.params}
-    with _seeded(st, seed):
+    with _seeded(st, seed), reuse_freed_memory(st.device.type == "cpu"):
         scores = st.method.fn(_context(st, cur, 1, 1))
     return {n: s.detach().cpu() for n, s in scores.items()}
 
@@ -895,7 +896,8 @@ def prune(
         rounds_iter = tqdm(rounds_iter, desc=f"prune {st.method.name}", unit="round", leave=False)
     # Exact ties at the cut are drawn at random (seeded): no bias towards any layer.
     ties = torch.Generator().manual_seed(seed)
-    with _seeded(st, seed):
+    # every round allocates the same activations again: keep freed CPU memory for reuse
+    with _seeded(st, seed), reuse_freed_memory(st.device.type == "cpu"):
         for t in rounds_iter:
             scores = st.method.fn(_context(st, masks, t + 1, rounds))
             st.snapshot.restore(st.work)

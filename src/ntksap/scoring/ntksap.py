@@ -13,11 +13,34 @@ and scores S_j = |dR/dm_j| at the current mask; the gradient reaches the shared 
 both the clean and the perturbed network. Gradients accumulate over `resamples` x
 ceil(num_samples / batch_size) draws before the absolute value is taken.
 
-BatchNorm rule (as the reference): for every noise batch, the running statistics are those
-of the clean masked network on that batch (reset, one no-grad train-mode pass with momentum
-1, so running_var is the *unbiased* batch variance), then both networks run in eval mode, so
-the perturbed network is normalised with the clean network's statistics and no gradient
-flows through the statistics.
+BatchNorm rule: for every noise batch, both networks run in eval mode with the statistics
+of the clean masked network on that batch, so the perturbed network is normalised with the
+clean network's statistics and no gradient flows through the statistics. How the clean
+statistics are measured is the option `bn_pass`:
+
+    "separate" (the reference code): reset, momentum 1, one extra no-grad train-mode
+        forward; running_var is the unbiased batch variance. That pass normalises each layer
+        with the *biased* variance, so the eval-mode clean forward that follows sees slightly
+        other activations (a factor ~sqrt((n-1)/n) per layer) than those the statistics came
+        from. 7 forward-equivalents of compute per noise batch.
+    "fused" (default): each BatchNorm of the clean eval-mode forward first takes the mean
+        and unbiased variance of its own input (`torch.batch_norm_update_stats`, no
+        gradient), then normalises with them; the perturbed forward uses the same values.
+        The clean network is exactly normalised by its own statistics; what changes is only
+        the O(1/batch) mismatch above. 6 forward-equivalents (no extra pass). Its masks lie
+        within the reference's seed-to-seed spread on ResNet-20 and VGG-16-BN (per-layer
+        densities, 5 seeds each: benchmarks/RESULTS.md).
+
+Draws: every (resample, noise batch) draw k of a round has its own generator, seeded by
+`draw_seed(round seed, k)`; theta_i, z_i and delta_i come from it. So a draw does not depend
+on which process computes it: `prune(..., distributed=True)` splits the draws of every
+round across the ranks of a torch.distributed job and sums the per-draw gradients in
+float64, and 1 or N processes give the same masks.
+
+Speed (benchmarks/prune_time.py, RESULTS.md): besides the fused statistics, inputs are
+channels_last where oneDNN / cuDNN run the convs faster (`memory_format`), and theta is
+re-drawn in one pass per weight (no module-by-module reset then re-initialisation). Peak
+memory is one draw's graph: nothing is kept across draws.
 
 Ablation "noise vs real inputs" (the paper's appendix): with the option inputs="data" every
 noise batch z_i is replaced by real input images from the `data` batches given to `prune`
