@@ -140,9 +140,8 @@ def main() -> None:
             abs(dens["ntksap"][n][i] - dens["ntksap"][n][j]) for n in names for i, j in seed_pairs
         )
     for v, a in agreement.items():
-        print(
-            f"{v:16s} {json.dumps({k: (round(x, 4) if isinstance(x, float) else x) for k, x in a.items()})}"
-        )  # noqa: E501
+        shown = {k: (round(x, 4) if isinstance(x, float) else x) for k, x in a.items()}
+        print(f"{v:16s} {json.dumps(shown)}")
     print(f"{'layer':24s} {'baseline min..max':>20s} " + " ".join(f"{v:>14s}" for v in variants))
     for r in layers:
         cells = " ".join(
