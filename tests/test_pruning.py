@@ -15,10 +15,12 @@ METHODS = ntksap.list_methods()
 
 
 def test_list_methods_is_the_contract():
-    assert METHODS == ["grasp", "itersnip", "magnitude", "ntksap", "random", "snip", "synflow"]
+    assert METHODS == [
+        "grasp", "itersnip", "magnitude", "ntksap", "px", "random", "snip", "synflow"
+    ]  # fmt: skip
     rounds = {m: ntksap.get_method(m).default_rounds for m in METHODS}
     assert rounds == {
-        "grasp": 1, "itersnip": 100, "magnitude": 1, "ntksap": 20,
+        "grasp": 1, "itersnip": 100, "magnitude": 1, "ntksap": 20, "px": 100,
         "random": 1, "snip": 1, "synflow": 100,
     }  # fmt: skip
 

@@ -59,7 +59,8 @@ from ntksap.files import atomic_write, write_text
 #: Densities are rounded to this many decimals to decide which column a run belongs to.
 SPARSITY_DECIMALS = 4
 
-#: Row order of the methods (the paper's baselines, then NTK-SAP); others follow by name.
+#: Row order of the methods (the paper's baselines, then NTK-SAP, then its successor PX);
+#: others follow by name.
 METHOD_ORDER = (
     "dense",
     "mask",
@@ -70,6 +71,7 @@ METHOD_ORDER = (
     "grasp",
     "synflow",
     "ntksap",
+    "px",
 )
 
 #: Settings named in the report's "shared by all rows" line when they are the same everywhere.

@@ -3,10 +3,10 @@
 Example:
     >>> from ntksap.scoring import list_methods
     >>> list_methods()
-    ['grasp', 'itersnip', 'magnitude', 'ntksap', 'random', 'snip', 'synflow']
+    ['grasp', 'itersnip', 'magnitude', 'ntksap', 'px', 'random', 'snip', 'synflow']
 """
 
-from ntksap.scoring import grasp, ntksap, simple, snip, synflow  # noqa: F401  (registration)
+from ntksap.scoring import grasp, ntksap, px, simple, snip, synflow  # noqa: F401  (registration)
 from ntksap.scoring.base import (
     METHODS,
     Method,

@@ -1,0 +1,625 @@
+"""PX, Path eXclusion (Iurada, Ciccone, Tommasi, CVPR 2024): NTK-SAP's data-driven successor.
+
+PX bounds the trace of the NTK of a ReLU network by splitting it along input-output paths:
+a data-dependent path-activation term (which paths the real data switches on) times a
+data-free path kernel (the squared path values), and keeps the weights with the largest
+share of that bound. Per round, on the class-balanced real batches (10 images per class):
+
+    1. activation pass: the masked network, eval mode, on real x (B, *input_shape); every
+       ReLU/LeakyReLU records its gate from its input u: g = [u > 0] (same shape as u)
+    2. jvf ("path activation") pass: every parameter set to 1 (masks applied) except the
+       norm layers and the classifier, which keep theta; each activation replaced by
+       u -> u * g; train mode; no gradient:      z1 = jvf(x ** 2)             (B, K)
+    3. pk ("path kernel") pass: every parameter squared (masks applied) except the norm
+       layers and the classifier; activations replaced by the identity; train mode:
+                                                 z2 = pk(ones_like(x))        (B, K)
+    R = sum over batches of sum(z1 * z2)                                       scalar
+    score_j = |dR/dp_j| * theta_j ** 2, with p the pk pass's parameter: theta ** 2 for
+              every transformed tensor (i.e. |dR/d(theta^2)| * theta^2) and theta itself
+              for the classifier (and a prunable norm parameter), exactly as the released
+              code (`p1.grad.abs() * p.pow(2)` with the 'fc' weights left unsquared);
+              zero where already pruned (the mask multiplies the pk parameter).
+The defaults are the paper's: 100 rounds, exponential schedule, global scope (the loop's).
+
+Which layer is what, by module type and structure (never by name):
+    - norm layers: instances of BatchNorm*/SyncBatchNorm/InstanceNorm* (`_NormBase`),
+      GroupNorm, LayerNorm, LocalResponseNorm (and RMSNorm where torch has it): their
+      parameters keep theta in both copies and their buffers are not changed;
+    - the classifier: the last Conv/Linear layer (or module holding a prunable tensor)
+      whose output reaches the logits, found once by one probe forward that follows the
+      autograd graph back from the logits (so the order of definition in __init__ and
+      side branches that do not reach the output do not matter). Option `classifier`
+      names it instead (a module, e.g. "fc", or one of its parameters, "fc.weight");
+      every parameter below that module keeps theta;
+    - everything else (Conv/Linear weights and biases, and any other parameter, e.g. a
+      learnt scale) is transformed: 1 in jvf, theta ** 2 in pk.
+Activations are intercepted on the loop's private copy only, without patching torch:
+forward pre-/post-hooks on nn.ReLU and nn.LeakyReLU modules (the module's own F.relu call
+is left alone; an inplace module runs on a copy so the pre-activation u survives), and a
+`torch.overrides.TorchFunctionMode` for functional calls anywhere in the forward:
+torch.relu, F.relu, Tensor.relu, relu_ and F.leaky_relu(_). Dropout (module or
+functional) is the identity in all three passes.
+
+LeakyReLU (slope a): a path's gate is the product of its units' derivatives, 1 or a. z1
+sums the *squared* entries of the path-activation Jacobian (that is why x enters squared
+and the weights as 1 while pk squares them), so the gate in jvf is g = 1 if u > 0 else
+a ** 2 (`leaky_gate="squared"`, default); `leaky_gate="binary"` uses the 0/1 on/off
+pattern u > 0, i.e. treats LeakyReLU as ReLU. (The released code has no consistent rule:
+its hook turns leaky_relu into relu in the activation pass and never gates it in jvf.)
+
+Works for ReLU/LeakyReLU networks only. Any other activation (GELU, SiLU, Tanh, Sigmoid,
+ELU, Softmax, ... as a module or as a torch call in the forward) is a ValueError naming
+it, raised before any score is computed, as is a model whose activation calls differ
+between the passes (count, order or shape; e.g. a forward that branches on
+`self.training`) or a model whose inputs are not floating point.
+
+BatchNorm in jvf and pk (`norm_stats`): "batch" (default, the spec and the released
+code) runs both in train mode, normalising with the batch's statistics, with the
+gradient flowing through them. Beware: the pk input is the same for every image, so a
+train-mode BatchNorm output has mean beta over the positions of each image, and a network
+that then averages over all positions (global average pooling after the last BatchNorm,
+as CIFAR ResNets and VGG-BN do) has a z2 that does not depend on any weight before that
+BatchNorm, nor (at beta = 0) on the classifier, in exact arithmetic. Their scores are then
+float rounding noise (ResNet-20 and VGG-16-BN at init: float64 scores about 1e9 times
+smaller than float32 ones; the masks follow the noise). "running" runs jvf and pk in eval
+mode instead: norm layers use the running statistics, at init an affine identity, which
+is what the path decomposition assumes; networks without BatchNorm are not affected.
+
+Deliberate differences from the released code (iurada/px-ntk-pruning, lib/pruners.py
+class PX, commit ed6c40e):
+    - norm layers and the classifier are chosen by module type and graph structure, not
+      by the substrings 'bn' and 'fc' of parameter names. In the released ResNets the
+      shortcut's BatchNorm ('shortcut.1') matches neither, so there its bias is set to 1
+      in jvf (and its affine parameters squared in pk); here every norm layer keeps theta.
+    - buffers are never transformed (the released code also fills or squares the running
+      statistics of norm layers not named 'bn'; no effect in train mode) and the model's
+      own running statistics are never updated: the train-mode passes write into
+      throw-away copies of the buffers, so the activation pass of every batch sees the
+      same (initial) statistics, as the released code's separate eval copy does.
+    - activations are intercepted with hooks and a torch function mode on the private
+      copy, not by replacing torch.nn.functional.relu globally, so torch.relu, Tensor.relu
+      and in-place variants are seen too, nothing outside the scorer is affected, and an
+      activation PX cannot handle is an error instead of being silently left in place.
+    - no deep copies: the three passes are `torch.func.functional_call`s of one model
+      with substituted parameters and buffers.
+    - dropout is off in every pass (the released copies run in train mode; its models
+      have no dropout).
+    - precision="auto" redoes a round in float64 when float32 overflows (the all-ones
+      jvf network multiplies activations by about fan_in per layer without norm layers).
+    - options the released code does not have: norm_stats="running", leaky_gate.
+Kept as released: BatchNorm in train mode by default (above); max- and average-pooling
+run as they are in every pass (jvf and pk do not gate a max-pool by the activation pass's
+choice).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import ntksap
+    >>> net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    >>> data = [(torch.randn(6, 1, 4, 4), torch.arange(3).repeat(2))]
+    >>> masks = ntksap.prune(net, "px", density=0.2, data=data, rounds=3)
+    >>> masks.num_kept == round(0.2 * (16 * 8 + 8 * 3)), masks.metadata["options"]["classifier"]
+    (True, '3')
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from ntksap.scoring.base import Option, ScoreContext, Scores, register_method
+
+PRECISIONS = ("auto", "float32", "float64")
+LEAKY_GATES = ("squared", "binary")
+#: Norm statistics of the jvf and pk passes: "batch" = train mode (as released), "running"
+#: = eval mode (the running statistics; BatchNorm at init is then an affine identity).
+NORM_STATS = ("batch", "running")
+
+#: Activation module types PX can gate (valid choices named in every refusal).
+GATED_MODULES: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU)
+VALID_ACTIVATIONS = "ReLU, LeakyReLU (modules, or torch.relu / F.relu / F.leaky_relu calls)"
+
+#: Normalisation layers: their parameters keep theta in both copies (by type, not name).
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+        nn.GroupNorm,
+        nn.LayerNorm,
+        nn.LocalResponseNorm,
+        getattr(nn, "RMSNorm", None),
+    )
+    if t is not None
+)
+
+#: Layers a classifier can be (besides any module holding a prunable tensor itself).
+LAYER_TYPES: tuple[type[nn.Module], ...] = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
+
+# torch functions (by __name__, as the function mode sees them) PX gates, passes, refuses.
+_RELU = frozenset({"relu", "relu_"})
+_LEAKY = frozenset({"leaky_relu", "leaky_relu_"})
+_DROPOUT = frozenset(
+    {
+        "dropout", "dropout_", "dropout1d", "dropout2d", "dropout3d", "feature_dropout",
+        "feature_dropout_", "alpha_dropout", "alpha_dropout_", "feature_alpha_dropout",
+        "feature_alpha_dropout_",
+    }
+)  # fmt: skip
+_REFUSED = frozenset(
+    {
+        "gelu", "silu", "silu_", "tanh", "tanh_", "sigmoid", "sigmoid_", "elu", "elu_",
+        "selu", "selu_", "celu", "celu_", "softplus", "mish", "mish_", "hardswish",
+        "hardswish_", "hardsigmoid", "hardsigmoid_", "hardtanh", "hardtanh_", "relu6",
+        "prelu", "rrelu", "rrelu_", "rrelu_with_noise", "softsign", "tanhshrink",
+        "logsigmoid", "log_sigmoid", "glu", "threshold", "threshold_", "softshrink",
+        "hardshrink", "softmax", "log_softmax", "softmin", "scaled_dot_product_attention",
+    }
+)  # fmt: skip
+_REFUSED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Mish,
+    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.PReLU, nn.RReLU, nn.Softsign,
+    nn.Tanhshrink, nn.LogSigmoid, nn.GLU, nn.Threshold, nn.Softshrink, nn.Hardshrink,
+    nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Softmax2d, nn.MultiheadAttention,
+)  # fmt: skip
+
+
+def _refusal(what: str) -> ValueError:
+    return ValueError(
+        f"px works on ReLU/LeakyReLU networks only (its path decomposition needs on/off "
+        f"gates); the model uses {what}. Valid activations: {VALID_ACTIVATIONS}"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Intercepting the activations
+# ---------------------------------------------------------------------------------------
+# The three passes, by what they do to an activation (the names appear in messages).
+RECORD, GATE, IDENTITY = "activation", "jvf", "pk"
+
+
+_ALIGN_RULE = (
+    "The forward must make the same ReLU/LeakyReLU calls in the same order on same-shaped "
+    "inputs in every pass, whatever the weights and inputs: the activation pass runs in eval "
+    "mode, jvf and pk in train mode (unless norm_stats='running'); a forward that branches "
+    "on self.training or on values cannot be scored by px"
+)
+
+
+@dataclass
+class _Site:
+    """One activation call of a forward pass: where, what, and the input's shape."""
+
+    label: str  # e.g. "module 'layer1.0.relu1' (ReLU)" or "leaky_relu in 'block'"
+    shape: tuple[int, ...]
+    slope: float | None  # None for ReLU, the negative slope for LeakyReLU
+
+
+@dataclass
+class _Interceptor:
+    """Replaces the activations of one forward pass of `model` (see `intercept`).
+
+    phase RECORD: the real activations run; `sites` and `gates` are recorded in call order.
+    phase GATE: the i-th activation returns u * gates[i] (jvf); checked against `expected`.
+    phase IDENTITY: every activation returns u (pk); checked against `expected`.
+    """
+
+    model: nn.Module
+    phase: str
+    leaky_gate: str = "squared"
+    expected: list[_Site] | None = None
+    gates: list[torch.Tensor] = field(default_factory=list)
+    sites: list[_Site] = field(default_factory=list)
+    stack: list[str] = field(default_factory=list)  # names of the modules being run
+    inside: int = 0  # > 0 while a gated module runs (its own F.relu is left alone)
+
+    # -- what every activation does ------------------------------------------------------
+    def _site(self, label: str, u: torch.Tensor, slope: float | None) -> int:
+        """Record (RECORD) or check (GATE, IDENTITY) the next site; its index."""
+        i = len(self.sites)
+        site = _Site(label, tuple(u.shape), slope)
+        if self.expected is not None:
+            want = self.expected[i] if i < len(self.expected) else None
+            if want is None or (want.label, want.shape) != (site.label, site.shape):
+                had = f"{want.label} {want.shape}" if want else "no activation"
+                raise ValueError(
+                    f"px cannot align the activation patterns between its passes: activation "
+                    f"call {i + 1} of the {self.phase} pass is {site.label} {site.shape}, the "
+                    f"activation pass had {had} there. {_ALIGN_RULE}"
+                )
+        self.sites.append(site)
+        return i
+
+    def _gate(self, u: torch.Tensor, slope: float | None) -> torch.Tensor:
+        on = u > 0
+        if slope is None or self.leaky_gate == "binary":
+            return on.to(u.dtype)
+        off = torch.full_like(u, slope**2)  # the squared path gate of a negative unit
+        return torch.where(on, torch.ones_like(u), off)
+
+    def replace(
+        self, label: str, u: torch.Tensor, slope: float | None, inplace: bool
+    ) -> torch.Tensor | None:
+        """The substitute output for an activation with input u, or None in RECORD."""
+        i = self._site(label, u, slope)
+        if self.phase == RECORD:
+            self.gates.append(self._gate(u.detach(), slope))
+            return None
+        if self.phase == IDENTITY:
+            return u
+        gate = self.gates[i]
+        return u.mul_(gate) if inplace else u * gate
+
+    def finish(self) -> None:
+        """After the pass: every recorded activation must have been met."""
+        if self.expected is not None and len(self.sites) != len(self.expected):
+            raise ValueError(
+                f"px cannot align the activation patterns between its passes: the "
+                f"{self.phase} pass made {len(self.sites)} activation calls, the activation "
+                f"pass {len(self.expected)}. {_ALIGN_RULE}"
+            )
+
+
+def _functional_spec(name: str, args: tuple, kwargs: dict) -> tuple[float | None, bool]:
+    """(negative slope or None, inplace) of a functional relu/leaky_relu call.
+
+    Signatures: relu(input, inplace=False) (F.relu; torch.relu and Tensor.relu take only
+    the input), relu_(input), leaky_relu(input, negative_slope=0.01, inplace=False),
+    leaky_relu_(input, negative_slope=0.01).
+    """
+    if name in _RELU:
+        return None, name == "relu_" or bool(kwargs.get("inplace", args[1:2] == (True,)))
+    slope = float(kwargs.get("negative_slope", args[1] if len(args) > 1 else 0.01))
+    inplace = name == "leaky_relu_" or bool(kwargs.get("inplace", args[2:3] == (True,)))
+    return slope, inplace
+
+
+class _ActivationMode(TorchFunctionMode):
+    """Functional relu/leaky_relu calls -> the interceptor; dropout -> identity; other
+    activations -> ValueError. Inside __torch_function__ torch disables the mode, so calls
+    made *by* torch functions are not seen, only those of the model's own forward code."""
+
+    def __init__(self, owner: _Interceptor) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def __torch_function__(
+        self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        own = self.owner
+        if own.inside or not args or not isinstance(args[0], torch.Tensor):
+            return func(*args, **kwargs)
+        where = f"'{own.stack[-1]}'" if own.stack and own.stack[-1] else "the model's forward"
+        if name in _RELU or name in _LEAKY:
+            out = own.replace(f"{name} in {where}", args[0], *_functional_spec(name, args, kwargs))
+            return func(*args, **kwargs) if out is None else out
+        if name in _DROPOUT:
+            return args[0]
+        if name in _REFUSED:
+            raise _refusal(f"the torch function {name} (called in {where})")
+        return func(*args, **kwargs)
+
+
+def _module_hooks(own: _Interceptor, name: str, module: nn.Module) -> list:
+    """Hooks that keep `own.stack` and, on a ReLU/LeakyReLU module, replace its output."""
+    handles = []
+    gated = isinstance(module, GATED_MODULES)
+    pending: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def pre(mod: nn.Module, args: tuple) -> tuple | None:
+        own.stack.append(name)
+        if not gated:
+            return None
+        own.inside += 1
+        u = args[0]
+        slope = float(mod.negative_slope) if isinstance(mod, nn.LeakyReLU) else None
+        label = f"module '{name}' ({type(mod).__name__})"
+        inplace = bool(getattr(mod, "inplace", False))
+        out = own.replace(label, u, slope, inplace)
+        pending.append((u, out))
+        if out is not None and inplace:
+            return (u.clone(), *args[1:])  # the module's own relu_ runs on a throw-away copy
+        return None
+
+    def post(mod: nn.Module, args: tuple, output: Any) -> Any:
+        own.stack.pop()
+        if not gated:
+            return None
+        own.inside -= 1
+        _, out = pending.pop()
+        return out  # None in RECORD: the real output stands
+
+    handles.append(module.register_forward_pre_hook(pre))
+    handles.append(module.register_forward_hook(post))
+    return handles
+
+
+@contextlib.contextmanager
+def intercept(
+    model: nn.Module,
+    phase: str,
+    *,
+    expected: list[_Site] | None = None,
+    gates: list[torch.Tensor] | None = None,
+    leaky_gate: str = "squared",
+) -> Iterator[_Interceptor]:
+    """Run forwards of `model` with its activations recorded, gated or removed.
+
+    Hooks are registered on `model`'s modules and removed on exit; the function mode is
+    active only inside the block. Nothing global is patched.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+        >>> with intercept(net, RECORD) as rec:
+        ...     _ = net(torch.ones(1, 2))
+        >>> [s.label for s in rec.sites]
+        ["module '1' (ReLU)"]
+    """
+    own = _Interceptor(model, phase, leaky_gate, expected, list(gates or []))
+    handles = []
+    try:
+        for name, module in model.named_modules():
+            handles += _module_hooks(own, name, module)
+        with _ActivationMode(own):
+            yield own
+        own.finish()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def refuse_unsupported_modules(model: nn.Module) -> None:
+    """ValueError naming the first activation module PX cannot gate (GELU, Tanh, ...)."""
+    bad = [
+        (n, type(m).__name__)
+        for n, m in model.named_modules()
+        if isinstance(m, _REFUSED_MODULES) and not isinstance(m, GATED_MODULES)
+    ]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise _refusal(f"{bad[0][1]} at '{bad[0][0]}'{more}")
+
+
+# ---------------------------------------------------------------------------------------
+# Which parameters are transformed
+# ---------------------------------------------------------------------------------------
+def _candidate_layers(ctx: ScoreContext) -> dict[nn.Module, str]:
+    """Module -> name of every layer that may be the classifier: Conv/Linear layers and
+    modules that hold a prunable tensor themselves."""
+    prunable = {id(p) for p in ctx.params.values()}
+    out: dict[nn.Module, str] = {}
+    for name, m in ctx.model.named_modules():
+        own = m._parameters.values()
+        if isinstance(m, LAYER_TYPES) or any(p is not None and id(p) in prunable for p in own):
+            out.setdefault(m, name)
+    return out
+
+
+def _reachable(root: Any) -> set[Any]:
+    """Every autograd node the node `root` depends on (root included)."""
+    seen: set[Any] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        todo.extend(nxt for nxt, _ in node.next_functions)
+    return seen
+
+
+def find_classifier(ctx: ScoreContext, x: torch.Tensor, weights: Mapping[str, Any]) -> str:
+    """Name of the last-called layer whose output reaches the logits (one eval forward of
+    `x` with input gradients on, so every layer's output carries its autograd node)."""
+    layers = _candidate_layers(ctx)
+    calls: list[tuple[str, Any]] = []  # (layer name, grad_fn of its output), in call order
+
+    def hook(mod: nn.Module, args: tuple, out: Any) -> None:
+        if isinstance(out, torch.Tensor) and out.grad_fn is not None:
+            calls.append((layers[mod], out.grad_fn))
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.enable_grad():
+            logits = ctx.forward(weights, x.detach().clone().requires_grad_(True))
+    finally:
+        for h in handles:
+            h.remove()
+    reach = _reachable(logits.grad_fn)
+    for name, node in reversed(calls):
+        if node in reach:
+            return name
+    raise ValueError(
+        "px found no Conv/Linear layer whose output reaches the logits; name the classifier "
+        "with classifier='<module name>'"
+    )
+
+
+def resolve_classifier(model: nn.Module, given: str) -> str:
+    """The module name of `given` (a module, or one of its parameters), checked."""
+    modules = dict(model.named_modules())
+    params = dict(model.named_parameters())
+    if given in modules and given != "" and any(True for _ in modules[given].parameters()):
+        return given
+    owner = given.rpartition(".")[0]
+    if given in params and owner in modules:
+        return owner
+    layers = [n for n, m in modules.items() if isinstance(m, LAYER_TYPES)]
+    shown = ", ".join(layers[-5:]) + (" (the last 5)" if len(layers) > 5 else "")
+    raise ValueError(
+        f"px classifier must name a module with parameters (or one of its parameters) of the "
+        f"model, got {given!r}; its Conv/Linear layers include: {shown or 'none'}; or leave "
+        "classifier=None (auto: the last layer whose output reaches the logits)"
+    )
+
+
+def kept_parameters(model: nn.Module, classifier: str) -> set[str]:
+    """Names of the parameters that keep theta in both copies: every norm layer's own
+    parameters and every parameter below the classifier module."""
+    kept_ids = {id(p) for p in model.get_submodule(classifier).parameters()}
+    for m in model.modules():
+        if isinstance(m, NORM_TYPES):
+            kept_ids.update(id(p) for p in m.parameters(recurse=False))
+    return {n for n, p in model.named_parameters() if id(p) in kept_ids}
+
+
+# ---------------------------------------------------------------------------------------
+# The score
+# ---------------------------------------------------------------------------------------
+def _buffers(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Fresh copies of every buffer (floating ones in `dtype`): train-mode BatchNorm writes
+    its running statistics into these, never into the model's own."""
+    return {
+        n: b.detach().to(dtype).clone() if b.is_floating_point() else b.detach().clone()
+        for n, b in model.named_buffers()
+    }
+
+
+def _probe(ctx: ScoreContext, x: torch.Tensor, real: Mapping[str, torch.Tensor]) -> None:
+    """Before any score: refuse other activations (functional ones show up here), resolve
+    the classifier, and check that the jvf/pk mode calls the same activations as eval."""
+    model, dtype, opts = ctx.model, x.dtype, ctx.options
+    model.eval()
+    with intercept(model, RECORD) as rec:
+        found = find_classifier(ctx, x, {**real, **_buffers(model, dtype)})
+    if opts["classifier"] is None:
+        opts["classifier"] = found  # resolved once; the loop records the options dict
+    model.train(opts["norm_stats"] == "batch")
+    with torch.no_grad(), intercept(model, IDENTITY, expected=rec.sites):
+        ctx.forward(real, x, **_buffers(model, dtype))
+
+
+def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
+    model, opts = ctx.model, ctx.options
+    assert ctx.data is not None
+    masks = ctx.mask_float(dtype)
+    theta = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
+
+    def masked(n: str, t: torch.Tensor) -> torch.Tensor:
+        return t * masks[n] if n in masks else t
+
+    real = {n: masked(n, t) for n, t in theta.items()}  # the network itself
+    if ctx.round == 1 or opts["classifier"] is None:
+        _probe(ctx, ctx.data[0][0][:2].to(dtype), real)
+    kept = kept_parameters(model, opts["classifier"])
+    ones = {n: real[n] if n in kept else masked(n, torch.ones_like(t)) for n, t in theta.items()}
+    # pk parameters: theta**2 (or theta where kept); the prunable ones are the leaves whose
+    # gradient is the score, masked after the leaf so a pruned weight's gradient is 0.
+    leaves = {
+        n: (theta[n] if n in kept else theta[n] ** 2).detach().requires_grad_(True)
+        for n in ctx.params
+    }
+    pk_values = {
+        n: leaves[n] if n in leaves else t if n in kept else t**2 for n, t in theta.items()
+    }
+    names = list(leaves)
+    # dR/dp and R summed in float64 over this rank's batches (all of them in one process;
+    # batch b on rank b mod world under distributed=True), then over the ranks
+    grad = {n: torch.zeros_like(leaves[n], dtype=torch.float64) for n in names}
+    total = torch.zeros((), dtype=torch.float64, device=ctx.device)
+    leaky = opts["leaky_gate"]
+    for x, _ in ctx.shard(ctx.data):
+        x = x.to(dtype)  # (B, *input_shape)
+        with torch.no_grad():
+            model.eval()
+            with intercept(model, RECORD, leaky_gate=leaky) as rec:
+                ctx.forward(real, x, **_buffers(model, dtype))
+            model.train(opts["norm_stats"] == "batch")  # jvf and pk: batch statistics
+            with intercept(model, GATE, expected=rec.sites, gates=rec.gates):
+                z1 = ctx.forward(ones, x.pow(2), **_buffers(model, dtype))  # (B, K)
+        pk = {n: masked(n, t) for n, t in pk_values.items()}  # a fresh graph per batch
+        with intercept(model, IDENTITY, expected=rec.sites):
+            z2 = ctx.forward(pk, torch.ones_like(x), **_buffers(model, dtype))  # (B, K)
+        r = (z1 * z2).sum()
+        total += r.detach()
+        grads = torch.autograd.grad(r, [leaves[n] for n in names], allow_unused=True)
+        for n, g in zip(names, grads):
+            if g is not None:  # None: the tensor does not reach the output
+                grad[n].add_(g)
+    ctx.all_reduce_([*grad.values(), total])
+    scores = {n: grad[n].to(dtype).abs() * theta[n] ** 2 * masks[n] for n in names}
+    finite = bool(torch.isfinite(total)) and all(
+        bool(torch.isfinite(s).all()) for s in scores.values()
+    )
+    return scores, finite
+
+
+@register_method(
+    "px",
+    needs_data=True,
+    default_rounds=100,
+    options=[
+        Option(
+            "classifier",
+            None,
+            str,
+            "module (or parameter) left as theta in both copies; auto: the last Conv/Linear "
+            "layer whose output reaches the logits",
+            allow_none=True,
+        ),
+        Option(
+            "leaky_gate",
+            "squared",
+            str,
+            "jvf gate of a LeakyReLU with negative input: squared = slope**2 (the squared "
+            "path gate), binary = 0 (on/off, as a ReLU)",
+            choices=LEAKY_GATES,
+        ),
+        Option(
+            "norm_stats",
+            "batch",
+            str,
+            "norm statistics in the jvf and pk copies: batch = train mode (as released), "
+            "running = eval mode (BatchNorm at init an affine identity)",
+            choices=NORM_STATS,
+        ),
+        Option(
+            "precision",
+            "auto",
+            str,
+            "dtype of the score computation; auto: the model's, float64 if float32 overflows",
+            choices=PRECISIONS,
+        ),
+    ],
+    summary="Path eXclusion: data-driven NTK-trace path bound (Iurada 2024, ReLU nets)",
+)
+def px_scores(ctx: ScoreContext) -> Scores:
+    """|dR/dp| * theta^2, R = sum(jvf(x**2) * pk(1)); T rounds (default 100).
+
+    Options:
+        classifier: the module (e.g. "fc") or parameter ("fc.weight") whose parameters are
+            left as theta in both copies, as the released code leaves its 'fc'. None
+            (default): the last Conv/Linear layer whose output reaches the logits.
+        leaky_gate: "squared" (default: a LeakyReLU's jvf gate is slope**2 for negative
+            inputs, the squared path gate) or "binary" (0/1, as a ReLU).
+        precision: "auto" (the model's dtype, float64 if the float32 result is not
+            finite), "float32" or "float64".
+    """
+    refuse_unsupported_modules(ctx.model)
+    if not ctx.data:
+        raise ValueError("px needs data: pass data=[(inputs, targets), ...] (10 per class)")
+    x0 = ctx.data[0][0]
+    if not x0.is_floating_point():
+        raise ValueError(
+            f"px squares the inputs (jvf is fed x ** 2): they must be floating point images "
+            f"or features, got {x0.dtype}"
+        )
+    if ctx.options["classifier"] is not None:
+        ctx.options["classifier"] = resolve_classifier(ctx.model, ctx.options["classifier"])
+    precision = ctx.options["precision"]
+    dtype = {"float32": torch.float32, "float64": torch.float64}.get(precision, ctx.dtype)
+    scores, finite = _px_once(ctx, dtype)
+    if not finite and precision == "auto" and dtype != torch.float64:
+        dtype = torch.float64  # the all-ones jvf network overflows float32 without norm layers
+        scores, finite = _px_once(ctx, dtype)
+    if not finite:
+        hint = "" if dtype == torch.float64 else '; use precision="auto" or "float64"'
+        raise FloatingPointError(f"px scores overflow in {dtype}{hint}")
+    return scores
