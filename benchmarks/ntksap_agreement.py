@@ -2,7 +2,9 @@
 
 For a network at 98.2 % sparsity, prunes with each variant and seeds 0..S-1, then reports:
 - per-layer densities: the baseline's seed-to-seed range (min..max over seeds) and mean,
-  and each variant's mean, with whether it lies inside the baseline's range;
+  and each variant's mean, with whether it lies inside the baseline's range and the Welch
+  t of the two means; "baseline_b" (the baseline at seeds 100..) calibrates both: it is
+  what chance alone gives;
 - kept-set overlap |A & B| / |A| (A, B keep the same count): between two seeds of the same
   variant (the seed-to-seed agreement), and between a variant and float32 ntksap at the
   same seed (same draws: only the arithmetic differs, e.g. bf16 autocast).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import time
 import warnings
@@ -40,8 +43,11 @@ PAPER = {  # the paper's settings (algorithm.md)
     "resnet20": {"rounds": 20, "resamples": 5, "num_samples": 100, "batch_size": 256},
     "vgg16_bn": {"rounds": 100, "resamples": 1, "num_samples": 1000, "batch_size": 256},
 }
+#: variant -> (method, extra options, autocast dtype); "baseline_b" is the baseline again
+#: at other seeds (100, 101, ...): how often the criterion flags a layer by chance alone.
 VARIANTS = {
     "baseline": ("ntksap_reference", {}, None),
+    "baseline_b": ("ntksap_reference", {}, None),
     "ntksap": ("ntksap", {}, None),
     "ntksap_separate": ("ntksap", {"bn_pass": "separate"}, None),
     "ntksap_bf16": ("ntksap", {}, torch.bfloat16),
@@ -52,7 +58,8 @@ SPARSITY = 0.982
 def masks_for(net_name: str, variant: str, seed: int, settings: dict, cache: Path) -> dict:
     """The variant's masks at `seed` (cached as a .pt of bool tensors)."""
     tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items()))
-    path = cache / f"{net_name}_{variant}_{tag}_seed{seed}.pt"
+    stem = "baseline" if variant == "baseline_b" else variant  # same runs, other seeds
+    path = cache / f"{net_name}_{stem}_{tag}_seed{seed}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
     method, extra, amp = VARIANTS[variant]
@@ -82,7 +89,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--network", choices=sorted(CLASSES), default="resnet20")
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--variants", default="baseline,ntksap,ntksap_bf16")
+    ap.add_argument("--variants", default="baseline,baseline_b,ntksap,ntksap_separate,ntksap_bf16")
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--resamples", type=int)
     ap.add_argument("--num-samples", type=int)
@@ -98,7 +105,11 @@ def main() -> None:
     seeds = list(range(args.seeds))
     print(f"{args.network} at {SPARSITY:.1%} sparsity, {settings}", flush=True)
     masks = {
-        v: [masks_for(args.network, v, s, settings, args.cache) for s in seeds] for v in variants
+        v: [
+            masks_for(args.network, v, s + (100 if v == "baseline_b" else 0), settings, args.cache)
+            for s in seeds
+        ]
+        for v in variants
     }
     names = list(masks[variants[0]][0])
     dens = {v: {n: [float(m[n].float().mean()) for m in masks[v]] for n in names} for v in variants}
@@ -114,6 +125,10 @@ def main() -> None:
             inside[v] += ok
             row[f"{v}_mean"] = mean
             row[f"{v}_inside"] = ok
+            # Welch t of the two means (5 + 5 seeds): |t| > 2.3 is p < 0.05 per layer
+            se = math.sqrt(statistics.variance(base) / len(base)
+                           + statistics.variance(dens[v][n]) / len(base))  # fmt: skip
+            row[f"{v}_t"] = (mean - row["baseline_mean"]) / se if se > 0 else 0.0
         layers.append(row)
     seed_pairs = list(combinations(range(len(seeds)), 2))
     agreement = {
@@ -122,6 +137,8 @@ def main() -> None:
                 overlap(masks[v][i], masks[v][j]) for i, j in seed_pairs
             ),
             "layers_inside_baseline_range": f"{inside[v]}/{len(names)}",
+            "layers_with_abs_t_over_2.3": sum(abs(r[f"{v}_t"]) > 2.3 for r in layers),
+            "max_abs_t": max(abs(r[f"{v}_t"]) for r in layers),
         }
         for v in variants
     }

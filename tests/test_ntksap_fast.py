@@ -31,8 +31,8 @@ import ntksap_reference  # noqa: E402  (benchmarks/ is not a package)
 def test_equals_the_plain_reference_procedure_on_the_same_draws(bn_pass):
     """float64, a BN conv net, a random current mask: bn_pass="separate" equals the
     benchmark baseline to 1e-12 (the same computation, another layout and code path);
-    "fused" differs by the O(1/batch) change of its statistics, here < 2 % on 16-image
-    batches (the masks' agreement at full scale is in benchmarks/RESULTS.md)."""
+    "fused" differs by the O(1/n) change of its statistics (n = values per channel),
+    here < 2 % on 16-image batches (the masks' agreement at full scale: RESULTS.md)."""
     net = nn.Sequential(
         nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.Conv2d(8, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),

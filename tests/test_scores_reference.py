@@ -136,8 +136,8 @@ def test_ntksap_equals_direct_autograd_of_the_formula_with_bn_rule(bn_pass, memo
 
 def test_fused_and_separate_statistics_differ_only_slightly():
     """The two BatchNorm rules differ (biased vs unbiased normalisation in the statistics
-    pass) by O(1/batch): on 64-image batches the scores agree within a few percent, and
-    the two tests above show each equals its own hand computation."""
+    pass) by O(1/n), n = values per channel: on 64-image batches the scores agree within a
+    few percent, and the two tests above show each equals its own hand computation."""
     net = small_convnet()
     kw = dict(input_shape=INPUT_SHAPE, seed=0, num_samples=64, batch_size=64)
     a = ntksap.compute_scores(net, "ntksap", bn_pass="separate", **kw)

@@ -21,14 +21,16 @@ statistics are measured is the option `bn_pass`:
     "separate" (the reference code): reset, momentum 1, one extra no-grad train-mode
         forward; running_var is the unbiased batch variance. That pass normalises each layer
         with the *biased* variance, so the eval-mode clean forward that follows sees slightly
-        other activations (a factor ~sqrt((n-1)/n) per layer) than those the statistics came
-        from. 7 forward-equivalents of compute per noise batch.
+        other activations (a factor ~sqrt((n-1)/n) per layer, n = values per channel:
+        batch x spatial size for conv BatchNorm, batch for BatchNorm1d on (N, C)) than those
+        the statistics came from. 7 forward-equivalents of compute per noise batch.
     "fused" (default): each BatchNorm of the clean eval-mode forward first takes the mean
         and unbiased variance of its own input (`torch.batch_norm_update_stats`, no
         gradient), then normalises with them; the perturbed forward uses the same values.
         The clean network is exactly normalised by its own statistics; what changes is only
-        the O(1/batch) mismatch above. 6 forward-equivalents (no extra pass). Its masks lie
-        within the reference's seed-to-seed spread on ResNet-20 and VGG-16-BN (per-layer
+        the O(1/n) mismatch above (1e-5 relative for ResNet-20's 100 x 32 x 32 values).
+        6 forward-equivalents (no extra pass). Its masks lie within the reference's
+        seed-to-seed spread on ResNet-20 and VGG-16-BN (per-layer
         densities, 5 seeds each: benchmarks/RESULTS.md).
 
 Draws: every (resample, noise batch) draw k of a round has its own generator, seeded by
