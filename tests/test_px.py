@@ -476,3 +476,25 @@ def test_cli_lists_and_prunes_with_px(tmp_path, capsys):
     assert main(argv) == 0, capsys.readouterr().err
     masks = ntksap.Masks.load(out)
     assert masks.metadata["method"] == "px" and masks.metadata["options"]["classifier"] == "fc3"
+
+
+def test_cli_run_sweep_and_spectrum_take_px(tmp_path, capsys):
+    """`ntksap run` prunes with px on real data and trains; `sweep` plans px cells;
+    `spectrum` scores px on the data set's images."""
+    run_dir = tmp_path / "run"
+    argv = ["run", "--dataset", "digits", "--model", "lenet5", "--epochs", "1",
+            "--no-progress", "--method", "px", "--sparsity", "0.8", "--rounds", "2",
+            "--out", str(run_dir)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    masks = ntksap.Masks.load(run_dir / "mask.safetensors")
+    assert masks.metadata["method"] == "px" and masks.metadata["rounds"] == 2
+    assert masks.num_kept == round(0.2 * masks.num_total)
+    argv = ["sweep", "--dataset", "digits", "--methods", "px", "ntksap", "--sparsities", "0.9",
+            "--out", str(tmp_path / "sw"), "--dry-run"]  # fmt: skip
+    assert main(argv) == 0
+    assert "px-s90-seed0-" in capsys.readouterr().out
+    argv = ["spectrum", "--model", "lenet5", "--dataset", "digits", "--sparsity", "0.8",
+            "--methods", "px", "--samples", "10", "--fd-draws", "1", "--set", "px.rounds=2",
+            "--out-dir", str(tmp_path / "spec")]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert "px" in capsys.readouterr().out
