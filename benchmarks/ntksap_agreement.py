@@ -36,7 +36,6 @@ import torch
 
 import ntksap
 from ntksap import models
-from ntksap.scoring import ntksap as fast
 
 CLASSES = {"resnet20": 10, "vgg16_bn": 100}
 PAPER = {  # the paper's settings (algorithm.md)
@@ -50,7 +49,7 @@ VARIANTS = {
     "baseline_b": ("ntksap_reference", {}, None),
     "ntksap": ("ntksap", {}, None),
     "ntksap_separate": ("ntksap", {"bn_pass": "separate"}, None),
-    "ntksap_bf16": ("ntksap", {}, torch.bfloat16),
+    "ntksap_bf16": ("ntksap", {"precision": "bfloat16"}, None),
 }
 SPARSITY = 0.982
 
@@ -62,16 +61,12 @@ def masks_for(net_name: str, variant: str, seed: int, settings: dict, cache: Pat
     path = cache / f"{net_name}_{stem}_{tag}_seed{seed}.pt"
     if path.exists():
         return torch.load(path, weights_only=True)
-    method, extra, amp = VARIANTS[variant]
+    method, extra, _ = VARIANTS[variant]
     net = models.create(net_name, num_classes=CLASSES[net_name])
     t = time.perf_counter()
     with ntksap_reference.registered():
-        fast._AUTOCAST[0] = amp
-        try:
-            m = ntksap.prune(net, method, sparsity=SPARSITY, input_shape=(3, 32, 32), seed=seed,
-                             **settings, **extra)  # fmt: skip
-        finally:
-            fast._AUTOCAST[0] = None
+        m = ntksap.prune(net, method, sparsity=SPARSITY, input_shape=(3, 32, 32), seed=seed,
+                         **settings, **extra)  # fmt: skip
     print(f"  {variant} seed {seed}: {time.perf_counter() - t:.1f} s", flush=True)
     out = dict(m)
     cache.mkdir(parents=True, exist_ok=True)

