@@ -12,6 +12,7 @@ gradient is also written in closed form.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from torch import nn
 import ntksap
 from ntksap import models
 from ntksap.cli import main
+from ntksap.scoring.px import PXRoundingWarning
 
 torch.set_default_dtype(torch.float32)  # the tests build float64 models explicitly
 
@@ -272,8 +274,12 @@ def test_batch_statistics_blind_spot_before_a_globally_averaged_batchnorm():
     with torch.no_grad():
         net[4].bias.fill_(0.5)
     data = _batches((2, 5, 5), 3, 6, n=1)
-    batch = ntksap.compute_scores(net, "px", data=data)
-    running = ntksap.compute_scores(net, "px", data=data, norm_stats="running")
+    with pytest.warns(PXRoundingWarning, match=r"2 of 3 prunable tensors are float rounding"):
+        batch = ntksap.compute_scores(net, "px", data=data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PXRoundingWarning)  # no false alarm here...
+        running = ntksap.compute_scores(net, "px", data=data, norm_stats="running")
+        ntksap.compute_scores(_convnet(), "px", data=data)  # ...nor with a real signal
     fc = float(batch["8.weight"].max())
     assert fc > 1e-3
     for conv in ("0.weight", "3.weight"):
@@ -442,6 +448,7 @@ def test_pruning_leaves_the_model_untouched():
 # The zoo and the command line
 # ---------------------------------------------------------------------------------------
 @pytest.mark.filterwarnings("ignore::ntksap.LayerCollapseWarning")
+@pytest.mark.filterwarnings("ignore::ntksap.scoring.px.PXRoundingWarning")  # BN + global pool
 @pytest.mark.parametrize(
     ("model", "shape", "classifier"),
     [("resnet20", (3, 32, 32), "fc"), ("vgg16_bn", (3, 16, 16), "classifier"),

@@ -61,9 +61,11 @@ that then averages over all positions (global average pooling after the last Bat
 as CIFAR ResNets and VGG-BN do) has a z2 that does not depend on any weight before that
 BatchNorm, nor (at beta = 0) on the classifier, in exact arithmetic. Their scores are then
 float rounding noise (ResNet-20 and VGG-16-BN at init: float64 scores about 1e9 times
-smaller than float32 ones; the masks follow the noise). "running" runs jvf and pk in eval
-mode instead: norm layers use the running statistics, at init an affine identity, which
-is what the path decomposition assumes; networks without BatchNorm are not affected.
+smaller than float32 ones; the masks follow the noise). In round 1 px checks this on two
+images (float32 and float64 gradients of R) and names the tensors concerned in a
+`PXRoundingWarning`. "running" runs jvf and pk in eval mode instead: norm layers use the
+running statistics, at init an affine identity, which is what the path decomposition
+assumes; networks without BatchNorm are not affected.
 
 Deliberate differences from the released code (iurada/px-ntk-pruning, lib/pruners.py
 class PX, commit ed6c40e):
@@ -105,6 +107,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -496,22 +499,35 @@ def _probe(ctx: ScoreContext, x: torch.Tensor, real: Mapping[str, torch.Tensor])
         ctx.forward(real, x, **_buffers(model, dtype))
 
 
-def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
-    model, opts = ctx.model, ctx.options
-    assert ctx.data is not None
+@dataclass
+class _Copies:
+    """The parameters of the three passes of one round, in one dtype (name -> tensor)."""
+
+    theta: dict[str, torch.Tensor]  # every parameter of the model
+    masks: dict[str, torch.Tensor]  # prunable name -> 0/1 mask
+    real: dict[str, torch.Tensor]  # theta * m: the network itself (activation pass)
+    ones: dict[str, torch.Tensor]  # jvf: 1 * m, theta (* m) where kept
+    pk_values: dict[str, torch.Tensor]  # pk before masking: theta**2, theta where kept
+    leaves: dict[str, torch.Tensor]  # the prunable pk parameters: dR/d(leaf) is the score
+
+
+def _masked(c_masks: Mapping[str, torch.Tensor], n: str, t: torch.Tensor) -> torch.Tensor:
+    return t * c_masks[n] if n in c_masks else t
+
+
+def _theta_and_real(ctx: ScoreContext, dtype: torch.dtype) -> tuple[dict, dict, dict]:
     masks = ctx.mask_float(dtype)
-    theta = {n: p.detach().to(dtype) for n, p in model.named_parameters()}
+    theta = {n: p.detach().to(dtype) for n, p in ctx.model.named_parameters()}
+    return theta, masks, {n: _masked(masks, n, t) for n, t in theta.items()}
 
-    def masked(n: str, t: torch.Tensor) -> torch.Tensor:
-        return t * masks[n] if n in masks else t
 
-    real = {n: masked(n, t) for n, t in theta.items()}  # the network itself
-    if ctx.round == 1 or opts["classifier"] is None:
-        _probe(ctx, ctx.data[0][0][:2].to(dtype), real)
-    kept = kept_parameters(model, opts["classifier"])
-    ones = {n: real[n] if n in kept else masked(n, torch.ones_like(t)) for n, t in theta.items()}
-    # pk parameters: theta**2 (or theta where kept); the prunable ones are the leaves whose
-    # gradient is the score, masked after the leaf so a pruned weight's gradient is 0.
+def _copies(ctx: ScoreContext, dtype: torch.dtype, kept: set[str]) -> _Copies:
+    theta, masks, real = _theta_and_real(ctx, dtype)
+    ones = {
+        n: real[n] if n in kept else _masked(masks, n, torch.ones_like(t)) for n, t in theta.items()
+    }
+    # The prunable pk parameters are leaves (masked after the leaf, so a pruned weight's
+    # gradient is 0); theta itself where kept, as the released code leaves its 'fc' as is.
     leaves = {
         n: (theta[n] if n in kept else theta[n] ** 2).detach().requires_grad_(True)
         for n in ctx.params
@@ -519,32 +535,89 @@ def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
     pk_values = {
         n: leaves[n] if n in leaves else t if n in kept else t**2 for n, t in theta.items()
     }
-    names = list(leaves)
+    return _Copies(theta, masks, real, ones, pk_values, leaves)
+
+
+def _batch_r(ctx: ScoreContext, c: _Copies, x: torch.Tensor) -> torch.Tensor:
+    """R of one batch x (B, *input_shape), differentiable with respect to `c.leaves`."""
+    model, opts, dtype = ctx.model, ctx.options, x.dtype
+    with torch.no_grad():
+        model.eval()
+        with intercept(model, RECORD, leaky_gate=opts["leaky_gate"]) as rec:
+            ctx.forward(c.real, x, **_buffers(model, dtype))
+        model.train(opts["norm_stats"] == "batch")  # jvf and pk: batch statistics
+        with intercept(model, GATE, expected=rec.sites, gates=rec.gates):
+            z1 = ctx.forward(c.ones, x.pow(2), **_buffers(model, dtype))  # (B, K)
+    pk = {n: _masked(c.masks, n, t) for n, t in c.pk_values.items()}  # fresh graph per batch
+    with intercept(model, IDENTITY, expected=rec.sites):
+        z2 = ctx.forward(pk, torch.ones_like(x), **_buffers(model, dtype))  # (B, K)
+    return (z1 * z2).sum()
+
+
+def _leaf_grads(r: torch.Tensor, c: _Copies) -> dict[str, torch.Tensor]:
+    """dR/d(leaf) per prunable tensor; zeros for a tensor that does not reach the output."""
+    names = list(c.leaves)
+    grads = torch.autograd.grad(r, [c.leaves[n] for n in names], allow_unused=True)
+    return {n: torch.zeros_like(c.leaves[n]) if g is None else g for n, g in zip(names, grads)}
+
+
+class PXRoundingWarning(UserWarning):
+    """Some px scores are float rounding noise (see norm_stats in `ntksap.scoring.px`)."""
+
+
+def rounding_check(ctx: ScoreContext, x: torch.Tensor, kept: set[str]) -> list[str]:
+    """Prunable tensors whose dR/dp on batch `x` is float rounding: its float32 and float64
+    values differ by more than 1 % (relative norm). A real signal agrees to about 1e-6."""
+    g = {}
+    for dtype in (torch.float32, torch.float64):
+        c = _copies(ctx, dtype, kept)
+        g[dtype] = _leaf_grads(_batch_r(ctx, c, x.to(dtype)), c)
+    noisy = []
+    for n, g64 in g[torch.float64].items():
+        g32 = g[torch.float32][n].double()
+        scale = max(float(g64.norm()), float(g32.norm()))
+        if scale > 0 and float((g32 - g64).norm()) > 0.01 * scale:
+            noisy.append(n)
+    return noisy
+
+
+def _warn_rounding(ctx: ScoreContext, x: torch.Tensor, kept: set[str]) -> None:
+    noisy = rounding_check(ctx, x, kept)
+    if noisy:
+        shown = ", ".join(noisy[:4]) + (", ..." if len(noisy) > 4 else "")
+        warnings.warn(
+            f"px: the scores of {len(noisy)} of {len(ctx.params)} prunable tensors are float "
+            f"rounding noise ({shown}): their float32 and float64 values disagree. With "
+            "norm_stats='batch' (as released) the pk copy sees the same all-ones image B "
+            "times, and a train-mode BatchNorm followed by global average pooling hides every "
+            "weight before it; norm_stats='running' (eval-mode norm layers) scores them",
+            PXRoundingWarning,
+            stacklevel=2,
+        )
+
+
+def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
+    opts = ctx.options
+    assert ctx.data is not None
+    if ctx.round == 1 or opts["classifier"] is None:
+        probe = ctx.data[0][0][:2].to(dtype)  # (2, *input_shape)
+        _probe(ctx, probe, _theta_and_real(ctx, dtype)[2])
+    kept = kept_parameters(ctx.model, opts["classifier"])
+    norms = any(isinstance(m, NORM_TYPES) for m in ctx.model.modules())
+    if ctx.round == 1 and opts["norm_stats"] == "batch" and norms:
+        _warn_rounding(ctx, probe, kept)  # see norm_stats in the module docstring
+    c = _copies(ctx, dtype, kept)
     # dR/dp and R summed in float64 over this rank's batches (all of them in one process;
     # batch b on rank b mod world under distributed=True), then over the ranks
-    grad = {n: torch.zeros_like(leaves[n], dtype=torch.float64) for n in names}
+    grad = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in c.leaves.items()}
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
-    leaky = opts["leaky_gate"]
     for x, _ in ctx.shard(ctx.data):
-        x = x.to(dtype)  # (B, *input_shape)
-        with torch.no_grad():
-            model.eval()
-            with intercept(model, RECORD, leaky_gate=leaky) as rec:
-                ctx.forward(real, x, **_buffers(model, dtype))
-            model.train(opts["norm_stats"] == "batch")  # jvf and pk: batch statistics
-            with intercept(model, GATE, expected=rec.sites, gates=rec.gates):
-                z1 = ctx.forward(ones, x.pow(2), **_buffers(model, dtype))  # (B, K)
-        pk = {n: masked(n, t) for n, t in pk_values.items()}  # a fresh graph per batch
-        with intercept(model, IDENTITY, expected=rec.sites):
-            z2 = ctx.forward(pk, torch.ones_like(x), **_buffers(model, dtype))  # (B, K)
-        r = (z1 * z2).sum()
+        r = _batch_r(ctx, c, x.to(dtype))  # x: (B, *input_shape)
         total += r.detach()
-        grads = torch.autograd.grad(r, [leaves[n] for n in names], allow_unused=True)
-        for n, g in zip(names, grads):
-            if g is not None:  # None: the tensor does not reach the output
-                grad[n].add_(g)
+        for n, g in _leaf_grads(r, c).items():
+            grad[n].add_(g)
     ctx.all_reduce_([*grad.values(), total])
-    scores = {n: grad[n].to(dtype).abs() * theta[n] ** 2 * masks[n] for n in names}
+    scores = {n: grad[n].to(dtype).abs() * c.theta[n] ** 2 * c.masks[n] for n in grad}
     finite = bool(torch.isfinite(total)) and all(
         bool(torch.isfinite(s).all()) for s in scores.values()
     )
