@@ -673,7 +673,8 @@ def px_scores(ctx: ScoreContext) -> Scores:
         leaky_gate: "squared" (default: a LeakyReLU's jvf gate is slope**2 for negative
             inputs, the squared path gate) or "binary" (0/1, as a ReLU).
         precision: "auto" (the model's dtype, float64 if the float32 result is not
-            finite), "float32" or "float64".
+            finite, and from then on: the metadata then records "float64"), "float32" or
+            "float64".
     """
     refuse_unsupported_modules(ctx.model)
     if not ctx.data:
@@ -692,6 +693,9 @@ def px_scores(ctx: ScoreContext) -> Scores:
     if not finite and precision == "auto" and dtype != torch.float64:
         dtype = torch.float64  # the all-ones jvf network overflows float32 without norm layers
         scores, finite = _px_once(ctx, dtype)
+        # later rounds start in float64 (sparser masks rarely bring float32 back in range);
+        # the loop records the options dict, so the metadata says which precision was used
+        ctx.options["precision"] = "float64"
     if not finite:
         hint = "" if dtype == torch.float64 else '; use precision="auto" or "float64"'
         raise FloatingPointError(f"px scores overflow in {dtype}{hint}")
