@@ -46,7 +46,7 @@ from ntksap.heap import reuse_freed_memory
 from ntksap.masks import Masks
 from ntksap.models.base import MODEL_ATTRIBUTE
 from ntksap.scoring import Method, ScoreContext, get_method, list_methods
-from ntksap.scoring.base import as_logits
+from ntksap.scoring.base import as_logits, collective_device
 from ntksap.targets import prunable_parameters
 
 SCHEDULES = ("exponential", "linear")
@@ -632,18 +632,12 @@ def _process_group(distributed: bool) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def _collective_device(device: torch.device) -> torch.device:
-    import torch.distributed as dist
-
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 @torch.no_grad()
 def _broadcast_state(model: nn.Module, device: torch.device) -> None:
     """Rank 0's parameters and floating buffers on every rank (in place)."""
     import torch.distributed as dist
 
-    where = _collective_device(device)
+    where = collective_device(device)
     for t in [*model.parameters(), *model.buffers()]:
         buf = t.detach().to(where)
         dist.broadcast(buf, src=0)
@@ -658,7 +652,7 @@ def _broadcast_masks(masks: dict[str, torch.Tensor], device: torch.device) -> No
     """
     import torch.distributed as dist
 
-    where = _collective_device(device)
+    where = collective_device(device)
     for n, m in masks.items():
         buf = m.to(where, torch.uint8)
         dist.broadcast(buf, src=0)

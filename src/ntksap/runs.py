@@ -699,24 +699,22 @@ def _prune(
     """
     assert req.method is not None and req.density is not None
     meth = get_method(req.method)
-    local = None
     settings = req.prune_settings
-    if env.is_main or env.distributed:
-        batches = (
-            data.prune_batches(train_ds, per_class=10, seed=req.train.seed)
-            if meth.needs_data_for(req.options)  # e.g. ntksap with inputs="data"
-            else None
-        )
-        if env.is_main:
-            where = f" on {env.world_size} processes" if env.distributed else ""
-            log(f"pruning {req.model} with {meth.name} to density {req.density:.4g}{where}")
-        with warnings.catch_warnings():  # collapse is reported by _train, once, with the fix
-            warnings.simplefilter("ignore", LayerCollapseWarning)
-            local = prune(
-                model, meth.name, density=req.density, input_shape=train_ds.info.input_shape,
-                data=batches, device=env.device, progress=progress and env.is_main,
-                distributed=env.distributed, **settings, **req.options,
-            )  # fmt: skip
+    batches = (
+        data.prune_batches(train_ds, per_class=10, seed=req.train.seed)
+        if meth.needs_data_for(req.options)  # e.g. ntksap with inputs="data"
+        else None
+    )
+    if env.is_main:
+        where = f" on {env.world_size} processes" if env.distributed else ""
+        log(f"pruning {req.model} with {meth.name} to density {req.density:.4g}{where}")
+    with warnings.catch_warnings():  # collapse is reported by _train, once, with the fix
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        local = prune(
+            model, meth.name, density=req.density, input_shape=train_ds.info.input_shape,
+            data=batches, device=env.device, progress=progress and env.is_main,
+            distributed=env.distributed, **settings, **req.options,
+        )  # fmt: skip
     targets = prunable_parameters(
         model,
         include_bias=settings["include_bias"],
@@ -724,9 +722,9 @@ def _prune(
         include=settings["include"],
     )
     shapes = {n: p.shape for n, p in targets.items()}
-    tensors = distributed.broadcast_masks(dict(local) if local else None, shapes, env)
-    metadata = local.metadata if local is not None else {}
-    metadata = distributed.broadcast_object(metadata, env)
+    # every rank holds the same masks already; broadcasting rank 0's makes it certain
+    tensors = distributed.broadcast_masks(dict(local), shapes, env)
+    metadata = distributed.broadcast_object(local.metadata, env)
     return Masks(tensors, {**metadata, "dataset": req.dataset})
 
 

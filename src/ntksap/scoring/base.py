@@ -223,7 +223,7 @@ class ScoreContext:
             return
         import torch.distributed as dist
 
-        where = _collective_device(self.device)
+        where = collective_device(self.device)
         for t in tensors:
             if t.device == where:
                 dist.all_reduce(t)
@@ -238,7 +238,7 @@ class ScoreContext:
             return value
         import torch.distributed as dist
 
-        box = torch.tensor([value], dtype=torch.int64, device=_collective_device(self.device))
+        box = torch.tensor([value], dtype=torch.int64, device=collective_device(self.device))
         dist.broadcast(box, src=0)
         return int(box.item())
 
@@ -258,7 +258,7 @@ class ScoreContext:
 ScoreFn = Callable[[ScoreContext], Scores]
 
 
-def _collective_device(device: torch.device) -> torch.device:
+def collective_device(device: torch.device) -> torch.device:
     """Where a collective's buffer must live: the GPU for nccl, the CPU for gloo."""
     import torch.distributed as dist
 
@@ -463,23 +463,6 @@ def get_method(name: str) -> Method:
 
 def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-
-
-def cross_entropy_sum_over_batches(
-    ctx: ScoreContext,
-    weights: Mapping[str, torch.Tensor],
-    temperature: float = 1.0,
-) -> torch.Tensor:
-    """sum over the data's batches of mean cross-entropy of `model(x) / temperature`."""
-    if not ctx.data:
-        raise ValueError("this method needs data: pass data=[(inputs, targets), ...]")
-    total: torch.Tensor | None = None
-    for x, y in ctx.data:
-        out = ctx.forward(weights, x)
-        loss = nn.functional.cross_entropy(out / temperature, y)
-        total = loss if total is None else total + loss  # stays in the compute dtype
-    assert total is not None
-    return total
 
 
 def summed_batch_gradients(
