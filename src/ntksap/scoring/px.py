@@ -60,7 +60,7 @@ train-mode BatchNorm output has mean beta over the positions of each image, and 
 that then averages over all positions (global average pooling after the last BatchNorm,
 as CIFAR ResNets and VGG-BN do) has a z2 that does not depend on any weight before that
 BatchNorm, nor (at beta = 0) on the classifier, in exact arithmetic. Their scores are then
-float rounding noise (ResNet-20 and VGG-16-BN at init: float64 scores about 1e9 times
+float rounding noise (ResNet-20 and VGG-16-BN at init: float64 scores 1e7 to 1e10 times
 smaller than float32 ones; the masks follow the noise). In round 1 px checks this on two
 images (float32 and float64 gradients of R) and names the tensors concerned in a
 `PXRoundingWarning`. "running" runs jvf and pk in eval mode instead: norm layers use the
