@@ -44,7 +44,7 @@ from pathlib import Path
 
 import ntksap_reference
 import torch
-from _common import cpu_name
+from _common import cpu_name, write_evidence
 
 import ntksap
 from ntksap import heap, models
@@ -221,16 +221,8 @@ def ntksap_suite(args: argparse.Namespace) -> None:
                   f"{flops[v] / 1e9:7.1f} GFLOP/batch  {row['gflop_per_s']:6.1f} GFLOP/s "
                   f"(ceiling {ceiling['gflop_per_s']})  x{row['speedup_vs_baseline']:.2f}",
                   flush=True)  # fmt: skip
-    evidence = {
-        "benchmark": "prune_time ntksap", "sparsity": SPARSITY, "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
-        else cpu_name(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "results": rows,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(evidence, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    evidence = {"benchmark": "prune_time ntksap", "sparsity": SPARSITY, "results": rows}
+    write_evidence(args.out, evidence, str(device))
 
 
 def methods_suite(args: argparse.Namespace) -> None:

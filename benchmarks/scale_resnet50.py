@@ -18,15 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import torch
-from _common import cpu_name
+from _common import write_evidence
 
 SHAPE = (3, 224, 224)
 SPARSITY = 0.8926  # the paper's first ImageNet sparsity
@@ -102,15 +99,9 @@ def main() -> None:
             )
         rows.append(row)
         print(f"  {row}", flush=True)
-    evidence = {
-        "benchmark": "scale_resnet50", "input": list(SHAPE), "classes": 1000,
-        "sparsity": SPARSITY, "device": "cpu", "device_name": cpu_name(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "python": platform.python_version(), "results": rows,
-    }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(evidence, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    evidence = {"benchmark": "scale_resnet50", "input": list(SHAPE), "classes": 1000,
+                "sparsity": SPARSITY, "results": rows}  # fmt: skip
+    write_evidence(args.out, evidence)
 
 
 if __name__ == "__main__":

@@ -117,8 +117,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ntksap.scoring.base import Option, ScoreContext, Scores, register_method
+from ntksap.scoring.synflow import PRECISION_OPTION
 
-PRECISIONS = ("auto", "float32", "float64")
 LEAKY_GATES = ("squared", "binary")
 #: Norm statistics of the jvf and pk passes: "batch" = train mode (as released), "running"
 #: = eval mode (the running statistics; BatchNorm at init is then an affine identity).
@@ -653,13 +653,7 @@ def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
             "running = eval mode (BatchNorm at init an affine identity)",
             choices=NORM_STATS,
         ),
-        Option(
-            "precision",
-            "auto",
-            str,
-            "dtype of the score computation; auto: the model's, float64 if float32 overflows",
-            choices=PRECISIONS,
-        ),
+        PRECISION_OPTION,
     ],
     summary="Path eXclusion: data-driven NTK-trace path bound (Iurada 2024, ReLU nets)",
 )

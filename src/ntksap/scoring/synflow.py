@@ -16,6 +16,15 @@ from ntksap.scoring.base import Option, ScoreContext, Scores, register_method
 
 PRECISIONS = ("auto", "float32", "float64")
 
+#: The `precision` option of the methods that multiply long chains of weights (synflow, px).
+PRECISION_OPTION = Option(
+    "precision",
+    "auto",
+    str,
+    "dtype of the score computation; auto: the model's, float64 if float32 overflows",
+    choices=PRECISIONS,
+)
+
 
 def _synflow_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
     ctx.model.eval()
@@ -42,15 +51,7 @@ def _synflow_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
     "synflow",
     needs_input_shape=True,
     default_rounds=100,
-    options=[
-        Option(
-            "precision",
-            "auto",
-            str,
-            "dtype of the score computation; auto: the model's, float64 if float32 overflows",
-            choices=PRECISIONS,
-        )
-    ],
+    options=[PRECISION_OPTION],
     summary="iterative synaptic flow |theta * dR/dtheta| (Tanaka 2020, data-free)",
 )
 def synflow_scores(ctx: ScoreContext) -> Scores:
