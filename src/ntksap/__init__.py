@@ -11,6 +11,7 @@ Three lines prune any PyTorch model:
 from ntksap._version import __version__
 from ntksap.attach import apply_masks, export_to_torch_prune, get_masks, remove_masks
 from ntksap.masks import MaskError, Masks
+from ntksap.masks import effective as effective_masks
 from ntksap.pruning import (
     LayerCollapseWarning,
     compute_scores,
@@ -45,6 +46,7 @@ __all__ = [
     "__version__",
     "apply_masks",
     "compute_scores",
+    "effective_masks",
     "export_to_torch_prune",
     "get_masks",
     "get_method",

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -375,3 +376,265 @@ class Masks(Mapping[str, torch.Tensor]):
     def ones_like(cls, params: Mapping[str, torch.Tensor]) -> Masks:
         """All-True masks shaped like `params` (the dense network)."""
         return cls({k: torch.ones_like(p, dtype=torch.bool) for k, p in params.items()})
+
+
+# Effective masks ------------------------------------------------------------------------------
+
+#: Leaf modules treated as a per-channel (per-unit) identity on the path graph: normalisations
+#: rescale each channel but never cut or create a path (their weight values, gamma = 0
+#: included, are trainable and so do not count), and elementwise activations map a path's
+#: signal to a signal (sigmoid(0) = 0.5 would otherwise make a dead unit look alive).
+_IDENTITY_ON_PATHS: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.LocalResponseNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Sigmoid,
+    nn.Hardsigmoid,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Tanh,
+    nn.Softplus,
+    nn.Softsign,
+    nn.LogSigmoid,
+    nn.Tanhshrink,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.Dropout3d,
+    nn.AlphaDropout,
+)
+
+
+def _as_window_sum(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A max pooling replaced by an average over the same windows (> 0 iff any input in the
+    window is > 0, and every input of the window gets gradient: max pooling's gradient
+    reaches only the argmax, which would cut the paths through the other inputs).
+    """
+    import torch.nn.functional as F
+
+    if isinstance(module, nn.modules.pooling._AdaptiveMaxPoolNd):
+        dims = x.dim() - 2 if isinstance(module.output_size, tuple) else None
+        pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
+        nd = dims or {
+            nn.AdaptiveMaxPool1d: 1,
+            nn.AdaptiveMaxPool2d: 2,
+            nn.AdaptiveMaxPool3d: 3,
+        }.get(type(module), x.dim() - 2)
+        return pool[nd](x, module.output_size)
+    assert isinstance(module, nn.modules.pooling._MaxPoolNd)
+    nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}.get(type(module), x.dim() - 2)
+    dilation = module.dilation
+    if any(d != 1 for d in (dilation if isinstance(dilation, tuple) else (dilation,))):
+        raise ValueError(
+            f"effective masks: max pooling with dilation {dilation} is not supported "
+            "(average pooling, which stands in for it on the path graph, has no dilation)"
+        )
+    pool = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}[nd]
+    stride = module.stride if module.stride is not None else module.kernel_size
+    # max pooling pads with -inf, average pooling with zeros: both contribute nothing here
+    return pool(x, module.kernel_size, stride, module.padding, module.ceil_mode, True)
+
+
+def _indicator(y: torch.Tensor) -> torch.Tensor:
+    """`(y > 0)` as 0/1 values, with the gradient of the identity (straight through), and the
+    incoming gradient itself reduced to `(g > 0)`.
+
+    Both the forward signal and the backward gradient are reset to {0, 1} at every leaf
+    module: the path counts of a deep network (SynFlow's product, > 1e300 or < 1e-300 in a
+    few dozen layers) never build up, so nothing can overflow or underflow; within one module
+    the values stay below fan-in x (a few residual additions).
+    """
+    out = (y > 0).to(y.dtype) + (y - y.detach())
+    if out.requires_grad:
+        out.register_hook(lambda g: (g > 0).to(g.dtype))
+    return out
+
+
+def _effective_input_shape(
+    model: nn.Module, masks: Masks, input_shape: Any | None
+) -> tuple[int, ...]:
+    """The input shape to use: given, the masks' metadata, the zoo model's default, or the
+    in_features of a first Linear layer; a ValueError naming these when none is known."""
+    shape = input_shape if input_shape is not None else masks.metadata.get("input_shape")
+    if shape is None:
+        zoo = getattr(model, "ntksap_model", None)
+        if isinstance(zoo, dict) and isinstance(zoo.get("name"), str):
+            from ntksap import models
+
+            try:
+                shape = (zoo.get("in_channels", 3), *models.defaults(zoo["name"]).input_shape[1:])
+            except ValueError:
+                shape = None
+    if shape is None:
+        first = next(
+            (m for m in model.modules() if isinstance(m, nn.modules.conv._ConvNd | nn.Linear)),
+            None,
+        )
+        if isinstance(first, nn.Linear):
+            shape = (first.in_features,)
+    if shape is None:
+        raise ValueError(
+            "effective masks need the model's input shape (one input, without the batch "
+            "dimension, e.g. (3, 32, 32)): pass input_shape=..., or use masks from "
+            "ntksap.prune (they record it)"
+        )
+    if (
+        isinstance(shape, str)
+        or not hasattr(shape, "__iter__")
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape)
+        or not len(shape)
+    ):
+        raise ValueError(
+            f"input_shape must be a sequence of positive ints without the batch dimension, "
+            f"e.g. (3, 32, 32); got {shape!r}"
+        )
+    return tuple(shape)
+
+
+def effective(
+    model: nn.Module,
+    masks: Mapping[str, torch.Tensor],
+    input_shape: Any | None = None,
+    output_fn: Any | None = None,
+) -> Masks:
+    """The kept weights that lie on at least one input-to-output path of `model` under
+    `masks` (Vysogorets and Kempe, "Connectivity Matters", JMLR 2023). The others can
+    neither change the output nor learn; the effective density is <= the nominal one.
+
+    What counts as a path. The network is read as a graph of units (a Linear's features, a
+    conv's channels at each position) joined by the kept weights; tensors without a mask are
+    dense. A path starts at an input unit, follows kept weights through every layer, and
+    ends at an output unit (any entry of the model's output, or of `output_fn(output)`).
+    Only the masks matter, never the weight values:
+      * biases (and BatchNorm's beta) are not path sources: a unit with a bias but no kept
+        input outputs a constant that carries no information about the input, so its
+        outgoing weights are not effective;
+      * normalisation layers (BatchNorm in eval, LayerNorm, GroupNorm, ...) and elementwise
+        activations are per-unit maps that neither cut nor join paths; a BatchNorm channel
+        with gamma = 0 (e.g. zero-initialised residual branches) still counts as connected,
+        because gamma is trainable;
+      * max pooling joins every input of its window to the output (as average pooling does):
+        training can make any of them the maximum;
+      * convolution taps that only ever multiply zero padding at this input shape are not
+        on a path (e.g. the corner taps of a 3x3 conv on a 1x1 feature map).
+    A kept weight is effective iff its input unit is reachable from the input and its output
+    unit reaches the output (at one position, for a conv).
+
+    How. A private float64 copy of the model in eval mode, its masked weights set to the
+    0/1 mask, other weights to 1 and biases to 0, is fed an all-ones input (SynFlow's path
+    count, > 0 exactly on effective weights). Both the signal and the gradient of the output
+    sum are reset to 0/1 indicators after every leaf module, so path counts never overflow
+    or underflow however deep the network (float32 SynFlow products do, beyond a few dozen
+    layers). The model must be a composition of leaf modules and non-negative operations
+    (additions, concatenation, pooling, flatten, ReLU): functional activations such as
+    `torch.sigmoid` called inside `forward` map 0 to a non-zero value and would make a dead
+    unit look alive. The model and `masks` are left untouched.
+
+    Args:
+        model: the network the masks were made for (masks attached by `apply_masks` or not).
+        masks: `Masks` or a dict `name -> bool tensor`, a subset of the parameters.
+        input_shape: one input's shape without the batch dimension; default: the masks'
+            metadata "input_shape", the zoo model's default shape, or a first Linear's
+            `in_features`.
+        output_fn: for a forward returning a tuple/dict: maps it to the output tensor.
+
+    Returns:
+        `Masks` with the same names and shapes, kept = effective; metadata: the input masks'
+        plus "effective": True, "nominal_density" and "effective_density".
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 1))
+        >>> m = Masks({"0.weight": torch.tensor([[True, True], [False, False]]),
+        ...            "2.weight": torch.tensor([[False, True]])})
+        >>> eff = effective(net, m)  # hidden unit 0 has no output, unit 1 no input
+        >>> eff.num_kept, eff["0.weight"].tolist(), eff.metadata["effective_density"]
+        (0, [[False, False], [False, False]], 0.0)
+    """
+    from ntksap.scoring.base import as_logits
+    from ntksap.targets import named_parameters_canonical
+
+    masks = masks if isinstance(masks, Masks) else Masks(masks)
+    masks.check_model(model)
+    shape = _effective_input_shape(model, masks, input_shape)
+    try:
+        work = copy.deepcopy(model)
+    except Exception as exc:
+        raise TypeError(
+            f"cannot deep-copy the model ({exc}); models with torch.nn.utils.prune hooks "
+            "cannot be copied: call torch.nn.utils.prune.remove on them first"
+        ) from exc
+    device = next((p.device for p in work.parameters()), torch.device("cpu"))
+    if device.type == "meta":
+        raise ValueError("effective masks need a model with real tensors, not on the meta device")
+    work = work.to(torch.float64).eval()
+    params = named_parameters_canonical(work)
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in masks:
+                p.copy_(masks[name].to(device=p.device, dtype=p.dtype))
+            elif p.is_floating_point():
+                # biases are no path sources; every other unmasked weight is a kept one
+                p.fill_(0.0 if "bias" in name.rpartition(".")[2] else 1.0)
+    for p in work.parameters():
+        p.requires_grad_(False)
+    wanted = {name: params[name] for name in masks}
+    for p in wanted.values():
+        p.requires_grad_(True)
+
+    handles = []
+    for mod_name, module in work.named_modules():
+        inside_parametrization = mod_name == "parametrizations" or (
+            ".parametrizations." in f".{mod_name}."
+        )
+        if next(module.children(), None) is not None or inside_parametrization:
+            continue
+
+        def hook(mod: nn.Module, args: tuple, out: Any) -> Any:
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if isinstance(mod, _IDENTITY_ON_PATHS) and x is not None and x.shape == out.shape:
+                out = x
+            elif isinstance(
+                mod, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd
+            ) and isinstance(out, torch.Tensor):
+                out = _as_window_sum(mod, x)
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                return _indicator(out)
+            return out
+
+        handles.append(module.register_forward_hook(hook))
+    x = torch.ones((1, *shape), dtype=torch.float64, device=device)
+    try:
+        with torch.enable_grad():
+            out = as_logits(work(x), output_fn)
+            total = out.double().sum()
+            grads = (
+                torch.autograd.grad(total, list(wanted.values()), allow_unused=True)
+                if total.requires_grad
+                else [None] * len(wanted)
+            )
+    finally:
+        for h in handles:
+            h.remove()
+    # d(sum of outputs)/dw = sum over positions of (input unit reachable) x (output unit
+    # reaches the output): > 0 exactly on the weights of some input-to-output path
+    eff = {
+        name: masks[name]
+        & (g.detach().cpu() > 0 if g is not None else torch.zeros_like(masks[name]))
+        for name, g in zip(wanted, grads)
+    }
+    result = Masks(eff, masks.metadata)
+    result.metadata.update(
+        effective=True, nominal_density=masks.density, effective_density=result.density
+    )
+    return result
