@@ -137,9 +137,12 @@ def test_format_table() -> None:
     stats, totals = layer_table(Tiny(), tiny_masks(), (1, 5, 5))
     text = format_table(stats, totals)
     lines = text.splitlines()
-    assert lines[0].split() == ["name", "shape", "params", "kept", "density", "FLOPs", "kept"]
-    assert lines[1].split() == ["conv.weight", "2x1x3x3", "18", "9", "50.00%", "162"]
-    assert lines[2].split() == ["fc.weight", "3x4", "12", "3", "25.00%", "12"]
+    header = ["name", "shape", "params", "kept", "density", "effective", "FLOPs", "kept"]
+    assert lines[0].split() == header
+    # the head keeps nothing, so no kept weight reaches the output: effective density 0
+    assert lines[1].split() == ["conv.weight", "2x1x3x3", "18", "9", "50.00%", "0.00%", "162"]
+    assert lines[2].split() == ["fc.weight", "3x4", "12", "3", "25.00%", "0.00%", "12"]
+    assert "effective        0.00% (effective sparsity 100.00%): 12 kept weights" in text
     assert len({len(line) for line in lines[:4]}) == 1  # aligned columns
     assert "density          33.33% (sparsity 66.67%)" in text
     assert "dense FLOPs      384 (384) per 1x5x5 input" in text

@@ -10,6 +10,10 @@ Remaining FLOPs of a masked layer are approximated as `dense FLOPs x density of 
 the standard estimate for unstructured sparsity (a sparse kernel skips the multiply-adds of
 pruned weights; the count says nothing about wall-clock speed on dense hardware).
 
+Beside the nominal density every row and the totals give the *effective* density: the
+fraction of weights on at least one input-to-output path (`ntksap.masks.effective`); the
+other kept weights can neither change the output nor learn.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -24,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -31,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ntksap.masks import Masks
+from ntksap.masks import Masks, effective
 
 __all__ = [
     "FLOP_CONVENTION",
@@ -66,6 +71,11 @@ class LayerStat:
             input (multiply-add = 2). 0 for a tensor whose module does no counted op, and for
             a bias whose layer's FLOPs are attributed to its weight.
         flops_kept: round(flops_dense x density), the unstructured-sparsity estimate.
+        effective_kept: kept entries on at least one input-to-output path
+            (`ntksap.masks.effective`), or None when not computed.
+        effective_density: effective_kept / params, or None.
+
+    The effective fields are left out of equality (`==` compares the nominal statistics).
     """
 
     name: str
@@ -75,6 +85,8 @@ class LayerStat:
     density: float
     flops_dense: int
     flops_kept: int
+    effective_kept: int | None = field(default=None, compare=False)
+    effective_density: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -89,6 +101,9 @@ class Totals:
         flops_remaining: flops_dense - sum over masked layers of (dense - kept).
         input_shape: the input shape (without batch) the FLOPs were counted on.
         collapsed: names of tensors pruned to zero (`Masks.collapsed()`).
+        effective_kept: kept weights on at least one input-to-output path, or None when
+            not computed.
+        effective_density: effective_kept / params, or None.
     """
 
     params: int
@@ -98,11 +113,18 @@ class Totals:
     flops_remaining: int
     input_shape: tuple[int, ...] = ()
     collapsed: list[str] = field(default_factory=list)
+    effective_kept: int | None = None
+    effective_density: float | None = None
 
     @property
     def sparsity(self) -> float:
         """Fraction of prunable weights removed: 1 - density."""
         return 1.0 - self.density
+
+    @property
+    def effective_sparsity(self) -> float | None:
+        """1 - effective density (>= the nominal sparsity), or None when not computed."""
+        return None if self.effective_density is None else 1.0 - self.effective_density
 
     @property
     def flops_ratio(self) -> float:
@@ -202,9 +224,16 @@ def _holders(model: nn.Module) -> dict[int, list[str]]:
 # The table
 # ---------------------------------------------------------------------------------------
 def layer_table(
-    model: nn.Module, masks: Masks | Mapping[str, torch.Tensor], input_shape: Sequence[int]
+    model: nn.Module,
+    masks: Masks | Mapping[str, torch.Tensor],
+    input_shape: Sequence[int],
+    effective_density: bool = True,
 ) -> tuple[list[LayerStat], Totals]:
     """Per-tensor statistics of `model` pruned by `masks`, and the totals.
+
+    With `effective_density` (default) the rows and totals also give the effective counts
+    (`ntksap.masks.effective` on `input_shape`); a model that the path analysis cannot read
+    (e.g. max pooling with dilation) gets a warning and None there instead of an error.
 
     `model` is the dense model or one with the masks attached (`apply_masks`); it is not
     modified. A module's FLOPs are attributed to its masked `weight` (or, if its weight is not
@@ -220,8 +249,8 @@ def layer_table(
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3))
         >>> masks = Masks.ones_like({"0.weight": net[0].weight})
         >>> stats, totals = layer_table(net, masks, (1, 5, 5))
-        >>> stats[0].flops_dense, totals.density
-        (324, 1.0)
+        >>> stats[0].flops_dense, totals.density, totals.effective_density
+        (324, 1.0, 1.0)
     """
     masks = masks if isinstance(masks, Masks) else Masks(masks)
     masks.check_model(model)
@@ -242,6 +271,15 @@ def layer_table(
             ):
                 flops_owner[mod] = name
 
+    eff: Masks | None = None
+    if effective_density:
+        try:
+            eff = effective(model, masks, input_shape=shape)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            warnings.warn(
+                f"effective density not computed ({type(exc).__name__}: {exc})", stacklevel=2
+            )
+
     stats: list[LayerStat] = []
     removed = 0  # FLOPs removed by the masks, summed over layers
     for name, m in masks.items():
@@ -252,7 +290,11 @@ def layer_table(
         dense = sum(_own_flops(model, per_module, mod) for mod in mods)
         flops_kept = round(dense * density)
         removed += dense - flops_kept
-        stats.append(LayerStat(name, tuple(m.shape), n, kept, density, dense, flops_kept))
+        e_kept = int(eff[name].sum()) if eff is not None else None
+        e_density = (e_kept / n if n else 1.0) if e_kept is not None else None
+        stats.append(
+            LayerStat(name, tuple(m.shape), n, kept, density, dense, flops_kept, e_kept, e_density)
+        )
     totals = Totals(
         params=masks.num_total,
         kept=masks.num_kept,
@@ -261,6 +303,8 @@ def layer_table(
         flops_remaining=total - removed,
         input_shape=shape,
         collapsed=masks.collapsed(),
+        effective_kept=eff.num_kept if eff is not None else None,
+        effective_density=eff.density if eff is not None else None,
     )
     return stats, totals
 
@@ -283,19 +327,30 @@ def human(n: float) -> str:
     return f"{v:.{decimals}f}{units[i]}"
 
 
+def _percent(v: float | None) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
 def format_table(stats: Sequence[LayerStat], totals: Totals) -> str:
     """An aligned plain-text table of `stats`, a totals block, and a collapse warning.
 
+    The "effective" column is the effective density (weights on an input-to-output path),
+    "n/a" where not computed.
+
     Example:
-        >>> s = [LayerStat("fc.weight", (3, 4), 12, 6, 0.5, 24, 12)]
-        >>> print(format_table(s, Totals(12, 6, 0.5, 24, 12, (4,))))  # doctest: +ELLIPSIS
-        name       shape  params  kept  density  FLOPs kept
-        fc.weight  3x4        12     6   50.00%          12
+        >>> s = [LayerStat("fc.weight", (3, 4), 12, 6, 0.5, 24, 12, 3, 0.25)]
+        >>> t = Totals(12, 6, 0.5, 24, 12, (4,), effective_kept=3, effective_density=0.25)
+        >>> print(format_table(s, t))  # doctest: +ELLIPSIS
+        name       shape  params  kept  density  effective  FLOPs kept
+        fc.weight  3x4        12     6   50.00%     25.00%          12
         <BLANKLINE>
         prunable params  12
+        kept             6
+        density          50.00% (sparsity 50.00%)
+        effective        25.00% (effective sparsity 75.00%): 3 kept weights on no ...
         ...
     """
-    header = ("name", "shape", "params", "kept", "density", "FLOPs kept")
+    header = ("name", "shape", "params", "kept", "density", "effective", "FLOPs kept")
     rows = [
         (
             s.name,
@@ -303,12 +358,13 @@ def format_table(stats: Sequence[LayerStat], totals: Totals) -> str:
             f"{s.params:,}",
             f"{s.kept:,}",
             f"{100 * s.density:.2f}%",
+            _percent(s.effective_density),
             human(s.flops_kept),
         )
         for s in stats
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    left = (True, True, False, False, False, False)  # text left-aligned, numbers right
+    left = (True, True, False, False, False, False, False)  # text left-aligned, numbers right
 
     def line(cells: Sequence[str]) -> str:
         out = [c.ljust(w) if lft else c.rjust(w) for c, w, lft in zip(cells, widths, left)]
@@ -321,6 +377,7 @@ def format_table(stats: Sequence[LayerStat], totals: Totals) -> str:
         f"prunable params  {totals.params:,}",
         f"kept             {totals.kept:,}",
         f"density          {100 * totals.density:.2f}% (sparsity {100 * totals.sparsity:.2f}%)",
+        _effective_line(totals),
         f"dense FLOPs      {human(totals.flops_dense)} ({totals.flops_dense:,}) per {shape} input",
         f"remaining FLOPs  {human(totals.flops_remaining)} ({totals.flops_remaining:,}), "
         f"{100 * totals.flops_ratio:.2f}% of dense",
@@ -333,3 +390,15 @@ def format_table(stats: Sequence[LayerStat], totals: Totals) -> str:
             f"connection the network is disconnected): {', '.join(totals.collapsed)}"
         )
     return "\n".join(lines)
+
+
+def _effective_line(totals: Totals) -> str:
+    """The totals line of the effective density ("n/a" when not computed)."""
+    if totals.effective_density is None or totals.effective_kept is None:
+        return "effective        n/a"
+    dead = totals.kept - totals.effective_kept
+    return (
+        f"effective        {100 * totals.effective_density:.2f}% (effective sparsity "
+        f"{100 * (1 - totals.effective_density):.2f}%): {dead:,} kept weights on no "
+        "input-output path"
+    )
