@@ -51,6 +51,7 @@ CASES = {
     "itersnip": {"rounds": 3},
     "grasp": {},
     "synflow": {"rounds": 5},
+    "px": {"rounds": 3},
 }  # fmt: skip
 
 

@@ -43,7 +43,9 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     }
 
 
-CASES = ["ntksap", "ntksap_separate", "ntksap_data", "snip", "itersnip", "grasp", "synflow"]
+CASES = [
+    "ntksap", "ntksap_separate", "ntksap_data", "snip", "itersnip", "grasp", "synflow", "px"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("case", CASES)

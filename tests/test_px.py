@@ -275,11 +275,11 @@ def test_batch_statistics_blind_spot_before_a_globally_averaged_batchnorm():
         net[4].bias.fill_(0.5)
     data = _batches((2, 5, 5), 3, 6, n=1)
     with pytest.warns(PXRoundingWarning, match=r"2 of 3 prunable tensors are float rounding"):
-        batch = ntksap.compute_scores(net, "px", data=data)
+        batch = ntksap.compute_scores(net, "px", data=data, norm_stats="batch")
     with warnings.catch_warnings():
         warnings.simplefilter("error", PXRoundingWarning)  # no false alarm here...
-        running = ntksap.compute_scores(net, "px", data=data, norm_stats="running")
-        ntksap.compute_scores(_convnet(), "px", data=data)  # ...nor with a real signal
+        running = ntksap.compute_scores(net, "px", data=data)  # the default
+        ntksap.compute_scores(_convnet(), "px", data=data, norm_stats="batch")  # real signal
     fc = float(batch["8.weight"].max())
     assert fc > 1e-3
     for conv in ("0.weight", "3.weight"):
@@ -407,6 +407,9 @@ def test_other_functional_activations_are_a_clear_error_before_any_score(fn, mon
 
 
 def test_activations_that_differ_between_train_and_eval_mode_cannot_be_aligned():
+    """With norm_stats="batch" jvf and pk run in train mode: a forward that calls other
+    activations in train mode is refused before work; in eval mode (default) all passes agree."""
+
     class Branchy(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -418,8 +421,11 @@ def test_activations_that_differ_between_train_and_eval_mode_cannot_be_aligned()
                 h = F.relu(h)
             return self.b(h)
 
+    data = _batches((4,), 3, 6, 1)
     with pytest.raises(ValueError, match=r"cannot align the activation patterns.*train mode"):
-        ntksap.prune(Branchy(), "px", density=0.5, data=_batches((4,), 3, 6, 1))
+        ntksap.prune(Branchy(), "px", density=0.5, data=data, norm_stats="batch")
+    masks = ntksap.prune(Branchy(), "px", density=0.5, data=data, rounds=2)
+    assert masks.num_kept == round(0.5 * masks.num_total)
 
 
 def test_integer_inputs_are_refused():
@@ -468,7 +474,7 @@ def test_registered_with_the_paper_defaults():
     assert "px" in ntksap.list_methods()
     assert meth.needs_data and meth.default_rounds == 100
     assert meth.defaults == {
-        "classifier": None, "leaky_gate": "squared", "norm_stats": "batch", "precision": "auto"
+        "classifier": None, "leaky_gate": "squared", "norm_stats": "running", "precision": "auto"
     }  # fmt: skip
 
 

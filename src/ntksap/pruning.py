@@ -808,7 +808,7 @@ def prune(
         density / sparsity: exactly one; density = fraction of prunable weights kept.
         input_shape: one input's shape without batch dim, e.g. (3, 32, 32). Needed by the
             data-free methods that feed inputs (ntksap, synflow) unless `data` is given.
-        data: iterable of (inputs, targets) batches; needed by snip, itersnip, grasp, and
+        data: iterable of (inputs, targets) batches; needed by snip, itersnip, grasp, px, and
             by ntksap with inputs="data" (which reads only the inputs). (Data-free methods
             only read the input shape from it.) Floating batches are cast to the compute
             dtype.

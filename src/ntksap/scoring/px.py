@@ -9,9 +9,9 @@ share of that bound. Per round, on the class-balanced real batches (10 images pe
        ReLU/LeakyReLU records its gate from its input u: g = [u > 0] (same shape as u)
     2. jvf ("path activation") pass: every parameter set to 1 (masks applied) except the
        norm layers and the classifier, which keep theta; each activation replaced by
-       u -> u * g; train mode; no gradient:      z1 = jvf(x ** 2)             (B, K)
+       u -> u * g; eval mode; no gradient:       z1 = jvf(x ** 2)             (B, K)
     3. pk ("path kernel") pass: every parameter squared (masks applied) except the norm
-       layers and the classifier; activations replaced by the identity; train mode:
+       layers and the classifier; activations replaced by the identity; eval mode:
                                                  z2 = pk(ones_like(x))        (B, K)
     R = sum over batches of sum(z1 * z2)                                       scalar
     score_j = |dR/dp_j| * theta_j ** 2, with p the pk pass's parameter: theta ** 2 for
@@ -53,19 +53,27 @@ it, raised before any score is computed, as is a model whose activation calls di
 between the passes (count, order or shape; e.g. a forward that branches on
 `self.training`) or a model whose inputs are not floating point.
 
-BatchNorm in jvf and pk (`norm_stats`): "batch" (default, the spec and the released
-code) runs both in train mode, normalising with the batch's statistics, with the
-gradient flowing through them. Beware: the pk input is the same for every image, so a
-train-mode BatchNorm output has mean beta over the positions of each image, and a network
-that then averages over all positions (global average pooling after the last BatchNorm,
-as CIFAR ResNets and VGG-BN do) has a z2 that does not depend on any weight before that
-BatchNorm, nor (at beta = 0) on the classifier, in exact arithmetic. Their scores are then
-float rounding noise (ResNet-20 and VGG-16-BN at init: float64 scores 1e7 to 1e10 times
-smaller than float32 ones; the masks follow the noise). In round 1 px checks this on two
-images (float32 and float64 gradients of R) and names the tensors concerned in a
-`PXRoundingWarning`. "running" runs jvf and pk in eval mode instead: norm layers use the
-running statistics, at init an affine identity, which is what the path decomposition
-assumes; networks without BatchNorm are not affected.
+BatchNorm in jvf and pk (`norm_stats`): "running" (default) runs both copies in eval mode:
+norm layers use their running statistics, at init an affine identity, so the copies are the
+plain ReLU network whose paths the decomposition sums over (as SynFlow scores in eval mode).
+"batch" (the spec and the released code) runs both in train mode, normalising with the
+batch's statistics, with the gradient flowing through them. We do not make it the default
+because on the networks this library exists for it measures nothing:
+    - pk: the pk input is the same all-ones image for every b, so a train-mode BatchNorm's
+      output has mean exactly beta over the positions of each image; after global average
+      pooling (CIFAR ResNets, VGG-BN, ImageNet ResNets) z2 = classifier(sum of betas) does
+      not depend on any weight before the last BatchNorm, nor (beta = 0 at init) on the
+      classifier's weights. In exact arithmetic their scores are 0; in floats they are
+      rounding noise (ResNet-20 and VGG-16-BN at init: float64 scores 1e7 to 1e10 times
+      smaller than float32 ones) and the masks follow the noise: on CIFAR ResNet-20 at
+      98.2 % the classifier keeps no weight and training stays at chance
+      (benchmarks/quality_mnist5k.md, benchmarks/RESULTS.md).
+    - jvf: the same argument over the batch: sum_b z1[b] after a train-mode BatchNorm and
+      global pooling no longer depends on the data, so R = sum_b z1[b] * z2 (z2 equal for
+      every b) loses the data-dependent term PX was designed to add.
+With "batch", round 1 checks this on two images (float32 and float64 gradients of R) and
+names the tensors concerned in a `PXRoundingWarning`. Networks without norm layers score the
+same under both rules.
 
 Deliberate differences from the released code (iurada/px-ntk-pruning, lib/pruners.py
 class PX, commit ed6c40e):
@@ -88,8 +96,10 @@ class PX, commit ed6c40e):
       have no dropout).
     - precision="auto" redoes a round in float64 when float32 overflows (the all-ones
       jvf network multiplies activations by about fan_in per layer without norm layers).
-    - options the released code does not have: norm_stats="running", leaky_gate.
-Kept as released: BatchNorm in train mode by default (above); max- and average-pooling
+    - BatchNorm in eval mode by default (norm_stats="running", above); the released rule
+      is norm_stats="batch".
+    - options the released code does not have: norm_stats, leaky_gate, classifier.
+Kept as released: max- and average-pooling
 run as they are in every pass (jvf and pk do not gate a max-pool by the activation pass's
 choice).
 
@@ -120,8 +130,9 @@ from ntksap.scoring.base import Option, ScoreContext, Scores, register_method
 from ntksap.scoring.synflow import PRECISION_OPTION
 
 LEAKY_GATES = ("squared", "binary")
-#: Norm statistics of the jvf and pk passes: "batch" = train mode (as released), "running"
-#: = eval mode (the running statistics; BatchNorm at init is then an affine identity).
+#: Norm statistics of the jvf and pk passes: "running" = eval mode (default: the running
+#: statistics; BatchNorm at init is then an affine identity), "batch" = train mode (as
+#: released; degenerate before global average pooling, see the module docstring).
 NORM_STATS = ("batch", "running")
 
 #: Activation module types PX can gate (valid choices named in every refusal).
@@ -189,7 +200,7 @@ RECORD, GATE, IDENTITY = "activation", "jvf", "pk"
 _ALIGN_RULE = (
     "The forward must make the same ReLU/LeakyReLU calls in the same order on same-shaped "
     "inputs in every pass, whatever the weights and inputs: the activation pass runs in eval "
-    "mode, jvf and pk in train mode (unless norm_stats='running'); a forward that branches "
+    "mode, jvf and pk in eval mode (train mode with norm_stats='batch'); a forward that branches "
     "on self.training or on values cannot be scored by px"
 )
 
@@ -647,10 +658,11 @@ def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
         ),
         Option(
             "norm_stats",
-            "batch",
+            "running",
             str,
-            "norm statistics in the jvf and pk copies: batch = train mode (as released), "
-            "running = eval mode (BatchNorm at init an affine identity)",
+            "norm statistics in the jvf and pk copies: running = eval mode (BatchNorm at "
+            "init an affine identity), batch = train mode (as released: its scores are "
+            "rounding noise before a global average pool)",
             choices=NORM_STATS,
         ),
         PRECISION_OPTION,
@@ -666,6 +678,8 @@ def px_scores(ctx: ScoreContext) -> Scores:
             (default): the last Conv/Linear layer whose output reaches the logits.
         leaky_gate: "squared" (default: a LeakyReLU's jvf gate is slope**2 for negative
             inputs, the squared path gate) or "binary" (0/1, as a ReLU).
+        norm_stats: "running" (default: jvf and pk in eval mode) or "batch" (train mode,
+            as the released code; see the module docstring for why it is not the default).
         precision: "auto" (the model's dtype, float64 if the float32 result is not
             finite, and from then on: the metadata then records "float64"), "float32" or
             "float64".
