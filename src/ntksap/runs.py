@@ -4,11 +4,12 @@ A run folder holds everything needed to trust and reproduce a number:
 
     config.json       the resolved settings, written first (model, data, pruning, training)
     mask.safetensors  the masks trained with, written as soon as pruning ends
-    layers.txt        per-layer table: shape, params, kept, density, FLOPs kept
+    layers.txt        per-layer table: shape, params, kept, density, effective, FLOPs kept
     metrics.jsonl     one line per epoch (train loss/acc, test loss, top-1, top-5, lr, s, img/s)
     checkpoint.pt     the last epoch, atomically rewritten
     result.json       status ("finished", "diverged", "failed", "interrupted"), final and best
-                      top-1, density, FLOPs, collapsed layers, times
+                      top-1, density, effective density and sparsity (weights on an
+                      input-to-output path), FLOPs, collapsed layers, times
     .ntksap.lock      the claim: an OS lock held by the one process working on the folder
 
 Guarantees (each tested):
@@ -671,6 +672,11 @@ def _train(
             flops_remaining=totals.flops_remaining,
             params_prunable=totals.params,
             params_kept=totals.kept,
+            # kept weights on an input-to-output path (ntksap.masks.effective); None when the
+            # path analysis cannot read the model
+            params_effective=totals.effective_kept,
+            effective_density=totals.effective_density,
+            effective_sparsity=totals.effective_sparsity,
             collapsed=masks.collapsed(),
             dead_outputs=masks.dead_outputs(),
             prune_seconds=masks.metadata.get("seconds"),

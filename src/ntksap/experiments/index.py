@@ -2,11 +2,13 @@
 
 The run folders are the truth; `index.sqlite` (stdlib sqlite3, write-ahead log) is a
 queryable copy of what they say: config hash, method, density, seed, the sweep's axes, status,
-error, times and results. It is refreshed from the folders (`Index.sync`) by the process that
-drives a sweep on one machine and by `ntksap report`, and can be deleted and rebuilt at any
-time (`Index.rebuild`, `ntksap report --rebuild`). Shard processes and cluster jobs never
-write it: they write only their own run folders (SQLite over a network file system is not
-safe with several writers), and the next sync merges them.
+error, times and results (with the effective sparsity: weights on no input-to-output path
+count as pruned; an index written before that column existed gains it on the next sync, its
+rows' values when they are re-read or rebuilt). It is refreshed from the folders
+(`Index.sync`) by the process that drives a sweep on one machine and by `ntksap report`, and
+can be deleted and rebuilt at any time (`Index.rebuild`, `ntksap report --rebuild`). Shard
+processes and cluster jobs never write it: they write only their own run folders (SQLite over
+a network file system is not safe with several writers), and the next sync merges them.
 
 Example:
     >>> idx = Index("sweeps/m5k")  # doctest: +SKIP
@@ -59,6 +61,7 @@ _COLUMNS = {
     "final_top1": "REAL",
     "best_top1": "REAL",
     "measured_density": "REAL",
+    "effective_sparsity": "REAL",  # 1 - density of the weights on an input-output path
     "config": "TEXT",  # JSON
     "result": "TEXT",  # JSON or NULL
     "signature": "TEXT",  # file mtimes and sizes when read: unchanged -> not re-read
@@ -137,6 +140,7 @@ def row_of(rec: Record, axis_paths: Iterable[str] = ()) -> dict[str, Any]:
         "final_top1": res.get("final_top1"),
         "best_top1": res.get("best_top1"),
         "measured_density": res.get("density"),
+        "effective_sparsity": rec.effective_sparsity if rec.config else None,
         "config": json.dumps(rec.config, sort_keys=True),
         "result": json.dumps(rec.result, sort_keys=True) if rec.result is not None else None,
         "signature": _signature(rec.folder),
@@ -164,6 +168,12 @@ class Index:
             con.execute("PRAGMA synchronous=NORMAL")
             cols = ", ".join(f"{k} {t}" for k, t in _COLUMNS.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
+            # an index made by an older version lacks the newer columns: add them (NULL
+            # until its rows are re-read; `rebuild` re-reads them all)
+            have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
+            for key, kind in _COLUMNS.items():
+                if key not in have:
+                    con.execute(f"ALTER TABLE runs ADD COLUMN {key} {kind}")
             con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             with con:  # one transaction per `with` block of the caller

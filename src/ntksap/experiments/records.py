@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ntksap.files import read_json
-from ntksap.runs import CONFIG_FILE, RESULT_FILE, status
+from ntksap.runs import CONFIG_FILE, MASK_FILE, RESULT_FILE, status
 
 #: config.json keys that never define an experiment cell (software, location, seed, density).
 NOT_GROUPING = (
@@ -80,6 +81,21 @@ class Record:
     def seed(self) -> int:
         return int(self.config.get("train", {}).get("seed", 0))
 
+    @functools.cached_property
+    def effective_sparsity(self) -> float | None:
+        """1 - the fraction of prunable weights on an input-to-output path
+        (`ntksap.masks.effective`): result.json's "effective_sparsity"; for a run folder
+        written before that field existed (or one not finished), computed from its
+        mask.safetensors when the mask records a zoo model and its input shape; else None.
+        A dense run (no mask) has 0.
+        """
+        if self.result and isinstance(self.result.get("effective_sparsity"), int | float):
+            return float(self.result["effective_sparsity"])
+        path = self.folder / MASK_FILE
+        if not path.is_file():
+            return 0.0 if self.method == "dense" and self.config else None
+        return mask_effective_sparsity(path)
+
     @property
     def top1(self) -> float | None:
         """Final top-1 (%) of a finished run, else None."""
@@ -99,6 +115,34 @@ class Record:
             for k, val in self.settings().items()
             if not any(k == skip or k.startswith(skip + ".") for skip in NOT_GROUPING)
         }
+
+
+def mask_effective_sparsity(path: str | os.PathLike[str]) -> float | None:
+    """The effective sparsity of a saved mask file, rebuilding its zoo model from the mask's
+    metadata ("model", "model_args", "input_shape"); None when the file cannot be read or
+    does not name a zoo model (the masks alone do not say how the layers connect).
+
+    >>> mask_effective_sparsity("no/such/mask.safetensors") is None
+    True
+    """
+    from ntksap import models
+    from ntksap.masks import Masks, effective
+
+    try:
+        masks = Masks.load(path)
+        meta = masks.metadata
+        args = dict(meta.get("model_args") or {})
+        name = args.pop("name", None) or meta.get("model")
+        shape = meta.get("input_shape")
+        if not isinstance(name, str) or name.lower() not in models.list_models() or not shape:
+            return None
+        import torch
+
+        with torch.random.fork_rng(devices=[]):  # the weights' values do not matter
+            model = models.create(name, **args)
+        return 1.0 - effective(model, masks, input_shape=shape).density
+    except Exception:  # a torn or foreign file: the report shows n/a, it does not fail
+        return None
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -159,4 +203,11 @@ def find_run_folders(dirs: Iterable[str | os.PathLike[str]]) -> list[Path]:
     return sorted(found)
 
 
-__all__ = ["NOT_GROUPING", "Record", "find_run_folders", "flatten", "read_record"]
+__all__ = [
+    "NOT_GROUPING",
+    "Record",
+    "find_run_folders",
+    "flatten",
+    "mask_effective_sparsity",
+    "read_record",
+]

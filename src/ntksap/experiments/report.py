@@ -17,6 +17,12 @@ How runs are grouped:
     * Two runs with the same variant, sparsity and seeds (folders merged from two places) are
       a ValueError naming both folders, never counted twice.
 
+Effective sparsity: below the top-1 table a second table gives, per cell, the mean effective
+sparsity of its runs' masks (1 - the fraction of prunable weights on an input-to-output path,
+`ntksap.masks.effective`; result.json's "effective_sparsity", or computed from the run's
+mask file for runs written before that field existed; "n/a" when neither is available). A
+method that leaves many dead weights is sparser than its column says.
+
 Marks (per column, among the rows of runs, never the paper's):
     * best (bold): the highest mean; all of them on a tie. Only where at least two rows have a
       value in the column.
@@ -107,6 +113,7 @@ CSV_COLUMNS = (
     "not_finished",
     "best",
     "within_spread",
+    "effective_sparsity",
 )
 
 _MISSING = object()  # a setting absent from one record's config
@@ -159,6 +166,15 @@ class Cell:
             return self.paper.std
         # statistics.stdev is the sample std (ddof=1), as numpy.std(ddof=1)
         return statistics.stdev(self.values) if len(self.values) >= 2 else None
+
+    @property
+    def effective_sparsity(self) -> float | None:
+        """Mean effective sparsity over the cell's runs that have it, finished or not (the
+        mask is what the method chose); None when none has."""
+        known = [
+            e for r in (*self.finished, *self.unfinished) if (e := r.effective_sparsity) is not None
+        ]
+        return statistics.fmean(known) if known else None
 
     @property
     def min(self) -> float | None:
@@ -557,6 +573,14 @@ def _md_cell(cell: Cell | None) -> str:
     return f"{text} ({', '.join(notes)})"
 
 
+def _md_effective(cell: Cell | None) -> str:
+    """A cell's mean effective sparsity (%), "n/a" when unknown, empty without runs."""
+    if cell is None:
+        return ""
+    e = cell.effective_sparsity
+    return "n/a" if e is None else f"{100 * e:.2f}"
+
+
 def _describe(records_of: Sequence[Row]) -> tuple[int, int]:
     runs = [r for row in records_of for r in row.records()]
     return len(runs), sum(1 for r in runs if r.top1 is not None)
@@ -601,6 +625,19 @@ def to_markdown(table: Table) -> str:
             ]
         for note in table.paper_notes:
             lines.append(f"- {note}")
+    if table.run_rows and table.sparsities:
+        lines += ["", "## Effective sparsity (%) by sparsity", ""]
+        lines.append("| variant | " + " | ".join(pct(s) for s in table.sparsities) + " |")
+        lines.append("|---|" + "---:|" * len(table.sparsities))
+        for row in table.run_rows:
+            shown = [_md_effective(row.cells.get(s)) for s in table.sparsities]
+            lines.append(f"| {_md_escape(row.variant)} | " + " | ".join(shown) + " |")
+        lines += [
+            "",
+            "Effective sparsity: 1 - the fraction of prunable weights on at least one "
+            "input-to-output path (mean over the cell's masks); it is ≥ the column's nominal "
+            "sparsity, and higher where a method leaves weights that cannot affect the output.",
+        ]
     unfinished = table.unfinished()
     if unfinished:
         lines += ["", f"## Runs not finished ({len(unfinished)})", ""]
@@ -657,6 +694,7 @@ def to_csv(table: Table) -> str:
                     len(c.unfinished),
                     int(c.best),
                     int(c.within_spread),
+                    _num(c.effective_sparsity),
                 ]
             )
     return buf.getvalue()
