@@ -12,6 +12,7 @@ gradient is also written in closed form.
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -511,3 +512,30 @@ def test_cli_run_sweep_and_spectrum_take_px(tmp_path, capsys):
             "--out-dir", str(tmp_path / "spec")]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     assert "px" in capsys.readouterr().out
+
+
+def test_a_jvf_beyond_float32_is_computed_wide_and_scaled_by_a_power_of_two():
+    """24 ReLU layers of width 48: the all-ones jvf copy multiplies by ~24 per layer, |z1|
+    ~ 1e33-1e38, beyond the float32 limit px uses as is (2**100). precision="auto" then
+    computes z1 in float64 and scales it by 2**-k: the float32 scores equal the float64
+    ones divided by one power of two (to float32 rounding), and the masks are the same."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = [nn.Flatten(), nn.Linear(16, 48), nn.ReLU()]
+    for _ in range(23):
+        layers += [nn.Linear(48, 48), nn.ReLU()]
+    net = nn.Sequential(*layers, nn.Linear(48, 3)).float()
+    data = [(x.float(), y) for x, y in _batches((4, 4), 3, 12, n=2)]
+    s32 = ntksap.compute_scores(net, "px", data=data)
+    s64 = ntksap.compute_scores(net, "px", data=data, precision="float64")
+    total32 = sum(float(s.double().sum()) for s in s32.values())
+    total64 = sum(float(s.sum()) for s in s64.values())
+    assert total64 > 2.0**100  # the unscaled scores: out of float32's usable range
+    ratio = total64 / total32
+    assert ratio > 2.0**20 and math.isclose(ratio, 2.0 ** round(math.log2(ratio)), rel_tol=1e-5)
+    for n in s32:
+        assert s32[n].dtype == torch.float32
+        assert torch.allclose(s32[n].double() * ratio, s64[n], rtol=1e-4, atol=0), n
+    m32 = ntksap.prune(net, "px", data=data, density=0.1, rounds=3)
+    m64 = ntksap.prune(net, "px", data=data, density=0.1, rounds=3, precision="float64")
+    assert m32 == m64
+    assert m32.metadata["options"]["precision"] == "auto"  # stayed float32 (with a wide jvf)

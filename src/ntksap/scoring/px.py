@@ -94,8 +94,12 @@ class PX, commit ed6c40e):
       with substituted parameters and buffers.
     - dropout is off in every pass (the released copies run in train mode; its models
       have no dropout).
-    - precision="auto" redoes a round in float64 when float32 overflows (the all-ones
-      jvf network multiplies activations by about fan_in per layer without norm layers).
+    - precision="auto" keeps float32 where the all-ones jvf copy exceeds it (it multiplies
+      activations by about fan_in per layer when no train-mode norm layer rescales them:
+      ResNet-20 in eval mode reaches |z1| ~ 1e46): z1 is then computed in float64 and
+      multiplied by one power of two 2**-k per round before it meets pk, so every score
+      of that round is divided by the same 2**k (ranking unchanged); a round whose float32
+      scores are still not finite is redone in float64.
     - BatchNorm in eval mode by default (norm_stats="running", above); the released rule
       is norm_stats="batch".
     - options the released code does not have: norm_stats, leaky_gate, classifier.
@@ -117,7 +121,9 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -549,8 +555,36 @@ def _copies(ctx: ScoreContext, dtype: torch.dtype, kept: set[str]) -> _Copies:
     return _Copies(theta, masks, real, ones, pk_values, leaves)
 
 
-def _batch_r(ctx: ScoreContext, c: _Copies, x: torch.Tensor) -> torch.Tensor:
-    """R of one batch x (B, *input_shape), differentiable with respect to `c.leaves`."""
+@dataclass
+class _Jvf:
+    """How z1 is computed: the jvf parameters, their dtype, and the power of two z1 is
+    multiplied by before it meets pk (1 unless the jvf values exceed the compute dtype)."""
+
+    ones: dict[str, torch.Tensor]
+    dtype: torch.dtype
+    scale: float = 1.0
+
+
+#: Largest |z1| used as is in float32: 2**100 leaves 2**28 of headroom for z1 * z2 and the
+#: gradient sums before float32's 3.4e38 (2**128).
+_F32_Z1_LIMIT = 2.0**100
+
+#: Private copies of models whose all-ones jvf copy exceeds float32 (checked once per prune
+#: on the first batch, so later rounds skip the float32 attempt). Keyed by the loop's copy.
+_WIDE_JVF: weakref.WeakKeyDictionary[nn.Module, bool] = weakref.WeakKeyDictionary()
+
+
+def _z1(ctx: ScoreContext, c: _Copies, x: torch.Tensor, jvf: _Jvf) -> tuple[torch.Tensor, list]:
+    """(z1 of batch x, shape (B, K), in x's dtype, times jvf.scale; the activation sites).
+
+    The activation pass runs the masked network in eval mode on x (in x's dtype) and records
+    the gates; the jvf pass applies them to the all-ones copy fed x**2, in jvf.dtype."""
+    raw, sites = _z1_raw(ctx, c, x, jvf)
+    return (raw * jvf.scale if jvf.scale != 1.0 else raw).to(x.dtype), sites  # 2**k: exact
+
+
+def _z1_raw(ctx: ScoreContext, c: _Copies, x: torch.Tensor, jvf: _Jvf) -> tuple[torch.Tensor, list]:
+    """z1 of batch x in jvf.dtype, unscaled, and the activation sites (see `_z1`)."""
     model, opts, dtype = ctx.model, ctx.options, x.dtype
     with torch.no_grad():
         model.eval()
@@ -558,11 +592,57 @@ def _batch_r(ctx: ScoreContext, c: _Copies, x: torch.Tensor) -> torch.Tensor:
             ctx.forward(c.real, x, **_buffers(model, dtype))
         model.train(opts["norm_stats"] == "batch")  # jvf and pk: batch statistics
         with intercept(model, GATE, expected=rec.sites, gates=rec.gates):
-            z1 = ctx.forward(c.ones, x.pow(2), **_buffers(model, dtype))  # (B, K)
+            xj = x.to(jvf.dtype).pow(2)  # the gates stay in x's dtype: u * g promotes
+            z1 = ctx.forward(jvf.ones, xj, **_buffers(model, jvf.dtype))  # (B, K)
+    return z1, rec.sites
+
+
+def _batch_r(
+    ctx: ScoreContext,
+    c: _Copies,
+    x: torch.Tensor,
+    jvf: _Jvf | None = None,
+    z1: tuple[torch.Tensor, list] | None = None,
+) -> torch.Tensor:
+    """R of one batch x (B, *input_shape), differentiable with respect to `c.leaves`
+    (z1 and the activation sites may be given when already computed for this x)."""
+    model, dtype = ctx.model, x.dtype
+    z1_, sites = z1 if z1 is not None else _z1(ctx, c, x, jvf or _Jvf(c.ones, dtype))
+    model.train(ctx.options["norm_stats"] == "batch")
     pk = {n: _masked(c.masks, n, t) for n, t in c.pk_values.items()}  # fresh graph per batch
-    with intercept(model, IDENTITY, expected=rec.sites):
+    with intercept(model, IDENTITY, expected=sites):
         z2 = ctx.forward(pk, torch.ones_like(x), **_buffers(model, dtype))  # (B, K)
-    return (z1 * z2).sum()
+    return (z1_ * z2).sum()
+
+
+def _choose_jvf(
+    ctx: ScoreContext, c: _Copies, x0: torch.Tensor
+) -> tuple[_Jvf, tuple[torch.Tensor, list] | None]:
+    """The jvf of this round and, when computed on the way, z1 of the first batch x0.
+
+    In float32 (precision "auto" only) the all-ones jvf copy can exceed float32: it
+    multiplies activations by about fan_in per layer when no train-mode norm layer rescales
+    them (ResNet-20 in eval mode: |z1| ~ 1e46). Then z1 is computed in float64 and scaled
+    by one power of two 2**-k per round (k from the first batch, the same on every rank),
+    so pk, its gradient and the scores stay in float32: every score is divided by the same
+    2**k, which leaves the ranking unchanged (the scores' absolute values are then relative).
+    """
+    plain = _Jvf(c.ones, x0.dtype)
+    if x0.dtype != torch.float32 or ctx.options["precision"] != "auto":
+        return plain, None
+    if not _WIDE_JVF.get(ctx.model, False):
+        z1 = _z1(ctx, c, x0, plain)
+        peak = float(z1[0].abs().max())
+        if math.isfinite(peak) and peak <= _F32_Z1_LIMIT:
+            return plain, z1
+        _WIDE_JVF[ctx.model] = True  # later rounds skip the float32 attempt
+    wide = _Jvf({n: t.double() for n, t in c.ones.items()}, torch.float64)
+    raw, sites = _z1_raw(ctx, c, x0, wide)
+    peak = float(raw.abs().max())
+    if not (math.isfinite(peak) and peak > 0):
+        return wide, None  # float64 overflow (or all zero): px_scores' float64 redo decides
+    wide.scale = 2.0 ** -math.frexp(peak)[1]  # max |z1| * scale in [0.5, 1)
+    return wide, ((raw * wide.scale).to(x0.dtype), sites)
 
 
 def _leaf_grads(r: torch.Tensor, c: _Copies) -> dict[str, torch.Tensor]:
@@ -618,12 +698,15 @@ def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
     if ctx.round == 1 and opts["norm_stats"] == "batch" and norms:
         _warn_rounding(ctx, probe, kept)  # see norm_stats in the module docstring
     c = _copies(ctx, dtype, kept)
+    x0 = ctx.data[0][0].to(dtype)
+    jvf, z1_first = _choose_jvf(ctx, c, x0)
     # dR/dp and R summed in float64 over this rank's batches (all of them in one process;
     # batch b on rank b mod world under distributed=True), then over the ranks
     grad = {n: torch.zeros_like(t, dtype=torch.float64) for n, t in c.leaves.items()}
     total = torch.zeros((), dtype=torch.float64, device=ctx.device)
     for x, _ in ctx.shard(ctx.data):
-        r = _batch_r(ctx, c, x.to(dtype))  # x: (B, *input_shape)
+        reuse = z1_first if x is ctx.data[0][0] else None  # batch 0's z1 is already known
+        r = _batch_r(ctx, c, x.to(dtype), jvf, reuse)  # x: (B, *input_shape)
         total += r.detach()
         for n, g in _leaf_grads(r, c).items():
             grad[n].add_(g)
@@ -680,9 +763,11 @@ def px_scores(ctx: ScoreContext) -> Scores:
             inputs, the squared path gate) or "binary" (0/1, as a ReLU).
         norm_stats: "running" (default: jvf and pk in eval mode) or "batch" (train mode,
             as the released code; see the module docstring for why it is not the default).
-        precision: "auto" (the model's dtype, float64 if the float32 result is not
-            finite, and from then on: the metadata then records "float64"), "float32" or
-            "float64".
+        precision: "auto" (the model's dtype; in float32, a jvf copy beyond float32's range
+            is computed in float64 and scaled by a power of two 2**-k per round, so that
+            round's scores are |dR/dp| * theta^2 / 2**k; float64 for the rest of the prune
+            if the float32 scores are still not finite: the metadata then records
+            "float64"), "float32" or "float64" (unscaled).
     """
     refuse_unsupported_modules(ctx.model)
     if not ctx.data:
