@@ -44,6 +44,7 @@ from ntksap import validate
 from ntksap.attach import private_copy
 from ntksap.heap import reuse_freed_memory
 from ntksap.masks import Masks
+from ntksap.masks import effective as effective_masks
 from ntksap.models.base import MODEL_ATTRIBUTE
 from ntksap.scoring import Method, ScoreContext, get_method, list_methods
 from ntksap.scoring.base import as_logits, collective_device
@@ -790,6 +791,8 @@ def prune(
     progress: bool = False,
     output_fn: Callable[[Any], torch.Tensor] | None = None,
     distributed: bool = False,
+    effective: bool = False,
+    effective_tolerance: float = 0.01,
     **options: Any,
 ) -> Masks:
     """Compute pruning masks for `model` at initialisation. The model is left untouched.
@@ -833,6 +836,18 @@ def prune(
             grasp split their data batches (batch b on rank b mod world) and sum the
             gradients; the other methods are cheap and computed on every rank. Rank 0's
             model is used (broadcast) and its mask selection is broadcast every round.
+        effective: `density` / `sparsity` is the *effective* one: the fraction of weights
+            on at least one input-to-output path (`ntksap.masks.effective`), which is <=
+            the nominal (kept) fraction. The nominal density is searched: each probe is a
+            full prune at a nominal density (same seed and settings), until the effective
+            density is within `effective_tolerance` of the target (at most
+            EFFECTIVE_MAX_PROBES probes; otherwise the closest probe is returned, with a
+            warning). The masks returned are the nominal ones of that probe (their dead
+            weights included: `ntksap.masks.effective` removes them); metadata "density" is
+            the nominal density found, "effective_target", "effective_density",
+            "effective_probes" ([nominal, effective] pairs), "effective_converged".
+        effective_tolerance: relative tolerance of `effective` (default 1 %): the probe is
+            accepted when |effective - target| <= max(tolerance x target, 1 weight).
         **options: method options, e.g. ntksap `epsilon`, `resamples`, `num_samples`,
             `batch_size`, `init`, `inputs`; grasp `temperature`; synflow `precision` (see
             `ntksap.get_method(name).options` for types, defaults and help).
@@ -848,6 +863,17 @@ def prune(
         >>> masks = prune(net, "ntksap", sparsity=0.982, input_shape=(3, 32, 32))  # doctest: +SKIP
     """
     d = resolve_density(density, sparsity)
+    if validate.boolean("effective", effective):
+        validate.finite_float(
+            "effective_tolerance", effective_tolerance, low=0.0, high=1.0, low_open=True
+        )
+        return _prune_to_effective(
+            model, method, d, effective_tolerance, input_shape=input_shape, data=data,
+            rounds=rounds, schedule=schedule, scope=scope, seed=seed,
+            include_bias=include_bias, exclude=exclude, include=include, invert=invert,
+            shuffle=shuffle, device=device, progress=progress, output_fn=output_fn,
+            distributed=distributed, **options,
+        )  # fmt: skip
     if rounds is None:
         rounds = get_method(method).default_rounds
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
@@ -929,5 +955,119 @@ def prune(
             f"(layer collapse): {', '.join(collapsed)}",
             LayerCollapseWarning,
             stacklevel=2,
+        )
+    return result
+
+
+#: Most full prunes `prune(..., effective=True)` runs to find the nominal density.
+EFFECTIVE_MAX_PROBES = 12
+
+
+def _prune_to_effective(
+    model: nn.Module,
+    method: str,
+    target: float,
+    tolerance: float,
+    *,
+    data: Iterable | None,
+    output_fn: Callable[[Any], torch.Tensor] | None,
+    **kwargs: Any,
+) -> Masks:
+    """`prune` to an effective density `target` (see `prune`'s `effective`).
+
+    e(d), the effective density of the masks pruned at nominal density d, is <= d and grows
+    with d (not strictly: each d is another prune). The search starts at d = target, then
+    steps d by the log-log secant through the bracketing probes (e ~ c d^k locally), falling
+    back to the geometric midpoint of the bracket when the secant leaves it; the dense
+    network (d = 1) closes the bracket from above.
+    """
+    if data is not None:
+        data = list(data)  # every probe reads the batches again
+    probes: list[list[float]] = []
+    best: tuple[float, Masks] | None = None  # (|e - target|, masks)
+    started = time.perf_counter()
+
+    def probe(d: float) -> float:
+        nonlocal best
+        with warnings.catch_warnings():  # a collapse is reported once, for the result
+            warnings.simplefilter("ignore", LayerCollapseWarning)
+            masks = prune(model, method, density=d, data=data, output_fn=output_fn, **kwargs)
+        shape = masks.metadata.get("input_shape")
+        e = effective_masks(model, masks, input_shape=shape, output_fn=output_fn).density
+        probes.append([d, e])
+        if best is None or abs(e - target) < best[0]:
+            best = (abs(e - target), masks)
+        return e
+
+    e = probe(target)
+    assert best is not None
+    n_total = best[1].num_total
+    tol = max(tolerance * target, 1.0 / n_total)
+    lo: tuple[float, float] = (target, e)
+    hi: tuple[float, float] | None = None
+    if abs(e - target) > tol:
+        ones = Masks({k: torch.ones_like(m) for k, m in best[1].items()})
+        shape = best[1].metadata.get("input_shape")
+        e_dense = effective_masks(model, ones, input_shape=shape, output_fn=output_fn).density
+        if e_dense < target - tol:
+            raise ValueError(
+                f"effective density {target:.6g} is out of reach: even the dense network has "
+                f"effective density {e_dense:.6g} (weights that only ever multiply zero "
+                "padding, or that reach no output, are on no input-to-output path)"
+            )
+        hi = (1.0, e_dense)
+    sides: list[str] = []  # which end of the bracket each probe replaced
+    while abs(e - target) > tol and hi is not None and len(probes) < EFFECTIVE_MAX_PROBES:
+        (d_lo, e_lo), (d_hi, e_hi) = lo, hi
+        if kept_count(d_hi, n_total) - kept_count(d_lo, n_total) <= 1:
+            break  # the bracket holds no other kept count
+        mid = math.sqrt(d_lo * d_hi)
+        if len(probes) == 1 and e_lo > 0:
+            d = d_lo * target / e_lo  # first step: dead fraction unchanged nearby
+        elif e_lo > 0 and e_hi > e_lo:
+            # log-log secant: the d where the line through the two ends meets the target
+            k = (math.log(d_hi) - math.log(d_lo)) / (math.log(e_hi) - math.log(e_lo))
+            d = math.exp(math.log(d_lo) + k * (math.log(target) - math.log(e_lo)))
+        else:
+            d = mid
+        # bisect when the step leaves the bracket, or when one end has stayed put for two
+        # probes (a secant creeping towards the root from one side)
+        if not d_lo < d < d_hi or sides[-2:] in (["lo", "lo"], ["hi", "hi"]):
+            d = mid
+        e = probe(d)
+        if e < target:
+            lo = (d, e)
+            sides.append("lo")
+        else:
+            hi = (d, e)
+            sides.append("hi")
+    _, result = best
+    d_found, e_found = min(probes, key=lambda p: abs(p[1] - target))
+    converged = abs(e_found - target) <= tol
+    if not converged:
+        warnings.warn(
+            f"prune(effective=True): effective density {e_found:.6g} (nominal {d_found:.6g}) "
+            f"after {len(probes)} probes is the closest to the target {target:.6g} "
+            f"(tolerance {tol:.3g}); e(d) is not monotone here or needs more probes",
+            stacklevel=3,
+        )
+    result = Masks(dict(result), result.metadata)
+    result.metadata.update(
+        density=d_found,
+        sparsity=1.0 - d_found,
+        effective_target=target,
+        effective_density=e_found,
+        effective_tolerance=tol,
+        effective_probes=probes,
+        effective_converged=converged,
+        seconds=round(time.perf_counter() - started, 3),
+    )
+    collapsed = result.collapsed()
+    if collapsed:
+        warnings.warn(
+            f"{method} at nominal density {d_found:.4g} pruned {len(collapsed)} tensor(s) to "
+            f"zero (layer collapse): {', '.join(collapsed)}",
+            LayerCollapseWarning,
+            stacklevel=3,
         )
     return result
