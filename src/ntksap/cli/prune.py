@@ -3,6 +3,10 @@
 ntksap prune --model resnet20 --method ntksap --sparsity 0.98           # model's shape
 ntksap prune --model resnet20 --method snip --sparsity 0.98 --dataset cifar10 --data-dir ~/data
 ntksap prune --model lenet5 --method grasp --sparsity 0.9 --dataset mnist5k --out m.safetensors
+ntksap prune --model resnet20 --method snip --sparsity 0.982 --effective --dataset synthetic
+
+With --effective the density or sparsity counts only the weights on an input-to-output path
+(`ntksap.masks.effective`): the nominal density is searched by repeated prunes.
 """
 
 from __future__ import annotations
@@ -61,13 +65,42 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=device, default="cpu", help="where to score (default cpu)")
     p.add_argument("--out", type=Path, help="save the masks here (.safetensors, .pt or .pth)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument(
+        "--effective",
+        action="store_true",
+        help="the density/sparsity is the effective one (weights on an input-to-output path "
+        "only): the nominal density is searched, one full prune per probe",
+    )
+    p.add_argument(
+        "--effective-tolerance",
+        type=_tolerance,
+        metavar="REL",
+        help="with --effective: accept |effective - target| <= REL x target or one weight "
+        "(default 0.01)",
+    )
     add_progress(p)
     p.set_defaults(func=cmd_prune)
+
+
+def _tolerance(text: str) -> float:
+    """A relative tolerance in (0, 1].
+
+    >>> _tolerance("0.02")
+    0.02
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune, print the table, save the masks."""
     meth, d, options = pruning_request(args)  # validated before any work
+    effective_kwargs = _effective_kwargs(args)
     check_mask_suffix(args.out)
     check_new_file(args.out, args.overwrite)
     needs_data = meth.needs_data_for(options)  # e.g. ntksap --inputs data
@@ -94,7 +127,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     rounds = args.rounds if args.rounds is not None else meth.default_rounds
     print(
         f"pruning {args.model} ({classes} classes, input {fmt_shape(shape)}) with {meth.name}: "
-        f"density {100 * d:.2f}% (sparsity {100 * (1 - d):.2f}%), {rounds} round(s), "
+        f"{'effective ' if args.effective else ''}density {100 * d:.2f}% "
+        f"(sparsity {100 * (1 - d):.2f}%), {rounds} round(s), "
         f"{args.scope} {args.schedule}"
         + (f", data: {args.dataset}" if batches is not None else ""),
         flush=True,
@@ -103,12 +137,21 @@ def cmd_prune(args: argparse.Namespace) -> int:
     masks = prune_quietly(
         model, meth.name, density=d, input_shape=shape, data=batches, device=args.device,
         progress=progress(args.progress), **pruning_kwargs(args), **options,
+        **effective_kwargs,
     )  # fmt: skip
     seconds = time.perf_counter() - started
     masks = Masks(masks, {**masks.metadata, "dataset": args.dataset if batches else None})
     stats, totals = layer_table(model, masks, shape)
     print(format_table(stats, totals))
     print(f"pruning time {seconds:.1f} s (wall)")
+    if args.effective:
+        meta = masks.metadata
+        print(
+            f"effective density {100 * meta['effective_density']:.3f}% (target "
+            f"{100 * meta['effective_target']:.3f}%) at nominal density "
+            f"{100 * meta['density']:.3f}%, {len(meta['effective_probes'])} prune(s)"
+            + ("" if meta["effective_converged"] else "; NOT within the tolerance")
+        )
     warn_collapse(masks)
     if args.out is not None:
         print(f"saved masks to {masks.save(args.out)}")
@@ -139,3 +182,13 @@ def _dataset_shape(args: argparse.Namespace, info: data.DatasetInfo) -> tuple[tu
             "drop --num-classes"
         )
     return shape, classes
+
+
+def _effective_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    """The effective-density keywords of `ntksap.prune` (none without --effective)."""
+    if not args.effective:
+        if args.effective_tolerance is not None:
+            raise UsageError("--effective-tolerance needs --effective")
+        return {}
+    tolerance = 0.01 if args.effective_tolerance is None else args.effective_tolerance
+    return {"effective": True, "effective_tolerance": tolerance}
