@@ -32,7 +32,7 @@ Example:
     >>> net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
     ...                     nn.Flatten(), nn.Linear(8 * 6 * 6, 4)).eval()
     >>> with torch.no_grad():
-    ...     net[0].weight.mul_(torch.rand_like(net[0].weight) < 0.1)
+    ...     _ = net[0].weight.mul_(torch.rand_like(net[0].weight) < 0.1)
     >>> x = torch.randn(2, 3, 6, 6)
     >>> fast = convert(net, example_input=x, autotune=False)
     >>> torch.allclose(fast(x), net(x), atol=1e-5)

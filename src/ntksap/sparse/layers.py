@@ -18,7 +18,7 @@ Example:
     >>> from torch import nn
     >>> conv = nn.Conv2d(3, 4, 3, padding=1)
     >>> with torch.no_grad():
-    ...     conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    ...     _ = conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
     >>> sp = SparseConv2d.from_dense(conv.weight, conv.bias, stride=1, padding=1)
     >>> x = torch.randn(2, 3, 8, 8)
     >>> torch.allclose(sp(x), conv(x), atol=1e-5)
@@ -28,6 +28,7 @@ Example:
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import Any
 
 import torch
@@ -360,12 +361,15 @@ class SparseLinear(_SparseBase):
 
     def _torch_sparse_mm(self, flat: torch.Tensor) -> torch.Tensor:
         """Fallback without the C++ kernels: torch's CSR x dense."""
-        w = torch.sparse_csr_tensor(
-            self.rowptr.to(torch.int64),
-            self.col_idx.to(torch.int64),
-            self.values,
-            size=self.weight_shape,
-        )
+        with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
+            warnings.simplefilter("ignore", UserWarning)
+            w = torch.sparse_csr_tensor(
+                self.rowptr.to(torch.int64),
+                self.col_idx.to(torch.int64),
+                self.values,
+                size=self.weight_shape,
+                check_invariants=False,  # built by to_csr: valid by construction
+            )
         y = torch.sparse.mm(w, flat.t()).t()
         return y + self.bias if self.bias.numel() else y.contiguous()
 
