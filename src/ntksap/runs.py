@@ -330,6 +330,7 @@ def prepare(
     seed: int | None = None,
     reinit: bool = False,
     log: Callable[[str], None] = print,
+    effective: bool = False,
 ) -> RunRequest:
     """Validate a run's settings without doing any work: the `RunRequest` that `run` executes.
 
@@ -374,9 +375,14 @@ def prepare(
             "invert": v.boolean("invert", invert),
             "shuffle": v.boolean("shuffle", shuffle),
         }
+        if v.boolean("effective", effective):
+            # only when set: the configs (and sweep hashes) of other runs stay as they were
+            req.prune_settings["effective"] = True
     else:
-        if density is not None or sparsity is not None or options:
-            raise ValueError("density, sparsity and options need a method (method=None given)")
+        if density is not None or sparsity is not None or options or effective:
+            raise ValueError(
+                "density, sparsity, effective and options need a method (method=None given)"
+            )
         if mask is not None:
             req.mask = mask if isinstance(mask, Masks) else Masks.load(mask)
             req.mask_path = None if isinstance(mask, Masks) else Path(mask)
@@ -418,6 +424,7 @@ def run(
     sync_bn: bool = False,
     progress: bool = False,
     log: Callable[[str], None] = print,
+    effective: bool = False,
 ) -> dict[str, Any]:
     """Prune (or take `mask`, or stay dense) and train, into the run folder `out`.
 
@@ -430,6 +437,8 @@ def run(
             `method=None`.
         rounds, schedule, scope, include_bias, exclude, include, invert, shuffle, options:
             as `ntksap.prune` (options: the method's, e.g. {"resamples": 5}).
+        effective: density / sparsity is the effective one (weights on an input-to-output
+            path), as `ntksap.prune(effective=True)`; recorded as config "prune.effective".
         train: TrainConfig overrides on the preset, e.g. {"epochs": 10, "lr": 0.05}.
         seed: seeds the model init, the pruning draws and the data order (default: 0).
         reinit: re-draw the weights after pruning (ablation).
@@ -449,6 +458,7 @@ def run(
         density=density, sparsity=sparsity, mask=mask, rounds=rounds, schedule=schedule,
         scope=scope, include_bias=include_bias, exclude=exclude, include=include, invert=invert,
         shuffle=shuffle, options=options, train=train, seed=seed, reinit=reinit, log=log,
+        effective=effective,
     )  # fmt: skip
     return execute(req, resume=resume, device=device, workers=workers, sync_bn=sync_bn,
                    progress=progress, log=log)  # fmt: skip
@@ -713,7 +723,8 @@ def _prune(
     )
     if env.is_main:
         where = f" on {env.world_size} processes" if env.distributed else ""
-        log(f"pruning {req.model} with {meth.name} to density {req.density:.4g}{where}")
+        kind = "effective density" if settings.get("effective") else "density"
+        log(f"pruning {req.model} with {meth.name} to {kind} {req.density:.4g}{where}")
     with warnings.catch_warnings():  # collapse is reported by _train, once, with the fix
         warnings.simplefilter("ignore", LayerCollapseWarning)
         local = prune(
