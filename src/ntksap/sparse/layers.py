@@ -156,16 +156,25 @@ class _SparseBase(nn.Module):
             self._dense_cache = _from_csr(self.rowptr, self.col_idx, self.values, self.weight_shape)
         return self._dense_cache
 
+    def drop_dense_copy(self) -> None:
+        """Free the cached dense weight of a sparse-mode layer (rebuilt if ever needed)."""
+        if self.mode == "sparse":
+            self._dense_cache = None
+
     def set_mode(self, mode: str) -> None:
         """Switch between "sparse" and "dense" (the weight is stored in that mode's form)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if mode == "sparse" and self.kernel_reason:
             raise ValueError(f"sparse mode is not available here: {self.kernel_reason}")
+        if mode == self.mode and (mode == "sparse" or self.weight.numel()):
+            return
         if mode == "dense":
             self.weight = self.dense_weight().contiguous()
         else:
             self.weight = torch.zeros(0)
+            if _ext.extension() is not None:
+                self._dense_cache = None  # CSR only: the sparse model is stored once
         self.mode = mode
 
     def _bias(self) -> torch.Tensor | None:
@@ -275,7 +284,14 @@ class SparseConv2d(_SparseBase):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, residual)
-        if self.mode == "sparse":
+        return self.compute(self.mode, x, residual)
+
+    def compute(
+        self, mode: str, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The output in `mode` ("sparse" or "dense"), whatever the layer's own mode (the
+        autotune times both this way); no input checks."""
+        if mode == "sparse" and not self.kernel_reason:
             ext = _ext.extension()
             if ext is not None:
                 out = torch.empty(0)
@@ -345,7 +361,13 @@ class SparseLinear(_SparseBase):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x, residual)
-        if self.mode == "sparse":
+        return self.compute(self.mode, x, residual)
+
+    def compute(
+        self, mode: str, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The output in `mode` ("sparse" or "dense"), whatever the layer's own mode."""
+        if mode == "sparse":
             lead = x.shape[:-1]
             flat = x.reshape(-1, x.shape[-1])
             ext = _ext.extension()

@@ -122,7 +122,19 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
       const int64_t n = nc / C, c = nc % C;
       const float* src = xp + nc * H * W;
       float* dst0 = pp + n * per_image + c * s * s * plane;
-      std::memset(dst0, 0, sizeof(float) * s * s * plane);
+      if (s == 1) {
+        // Zero only what the copy leaves: top/bottom pad rows (+ the extra row), side pads.
+        std::memset(dst0, 0, sizeof(float) * pad * Wq);
+        std::memset(dst0 + (pad + H) * Wq, 0, sizeof(float) * (plane - (pad + H) * Wq));
+        if (pad > 0)
+          for (int64_t yy = 0; yy < H; ++yy) {
+            float* row = dst0 + (yy + pad) * Wq;
+            std::memset(row, 0, sizeof(float) * pad);
+            std::memset(row + pad + W, 0, sizeof(float) * (Wq - pad - W));
+          }
+      } else {
+        std::memset(dst0, 0, sizeof(float) * s * s * plane);
+      }
       if (c == C - 1) std::memset(dst0 + s * s * plane, 0, sizeof(float) * kSlack);
       for (int64_t py = 0; py < s; ++py)
         for (int64_t px = 0; px < s; ++px) {
