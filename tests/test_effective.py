@@ -197,6 +197,18 @@ def test_max_pooling_joins_its_whole_window() -> None:
     assert 0 < got.num_kept < masks.num_kept
 
 
+def test_adaptive_max_pooling_and_dead_fc_inputs() -> None:
+    # conv channels 1, 2 feed only fc inputs 4..11, whose weights are all pruned
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.AdaptiveMaxPool2d((2, 2)), nn.Flatten(),
+                        nn.Linear(12, 2))  # fmt: skip
+    fc = bools([[1] * 4 + [0] * 8] * 2)
+    masks = Masks({"0.weight": torch.ones(3, 1, 3, 3, dtype=torch.bool), "3.weight": fc})
+    got = effective(net, masks, input_shape=(1, 6, 6))
+    assert got["0.weight"].flatten(1).all(1).tolist() == [True, False, False]
+    assert not got["0.weight"][1:].any()
+    assert torch.equal(got["3.weight"], fc)
+
+
 def test_batchnorm_gamma_zero_still_connects() -> None:
     # documented choice: only the masks matter; gamma is trainable, so gamma = 0 (e.g. a
     # zero-initialised residual branch) does not cut the path

@@ -424,13 +424,10 @@ def _as_window_sum(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     import torch.nn.functional as F
 
     if isinstance(module, nn.modules.pooling._AdaptiveMaxPoolNd):
-        dims = x.dim() - 2 if isinstance(module.output_size, tuple) else None
         pool = {1: F.adaptive_avg_pool1d, 2: F.adaptive_avg_pool2d, 3: F.adaptive_avg_pool3d}
-        nd = dims or {
-            nn.AdaptiveMaxPool1d: 1,
-            nn.AdaptiveMaxPool2d: 2,
-            nn.AdaptiveMaxPool3d: 3,
-        }.get(type(module), x.dim() - 2)
+        nd = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}.get(
+            type(module), x.dim() - 2
+        )
         return pool[nd](x, module.output_size)
     assert isinstance(module, nn.modules.pooling._MaxPoolNd)
     nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}.get(type(module), x.dim() - 2)
@@ -604,9 +601,13 @@ def effective(
             x = args[0] if args and isinstance(args[0], torch.Tensor) else None
             if isinstance(mod, _IDENTITY_ON_PATHS) and x is not None and x.shape == out.shape:
                 out = x
-            elif isinstance(
-                mod, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd
-            ) and isinstance(out, torch.Tensor):
+            elif (
+                isinstance(
+                    mod, nn.modules.pooling._MaxPoolNd | nn.modules.pooling._AdaptiveMaxPoolNd
+                )
+                and x is not None
+                and isinstance(out, torch.Tensor)
+            ):
                 out = _as_window_sum(mod, x)
             if isinstance(out, torch.Tensor) and out.is_floating_point():
                 return _indicator(out)
