@@ -295,11 +295,19 @@ def _plan(
     eff: Mapping[int, torch.Tensor],
     inputs: Mapping[int, torch.Tensor],
     weights: Mapping[int, torch.Tensor],
+    varying: Mapping[int, list[bool]],
 ) -> _Plan:
     """Which channels to remove (dead ones, minus those whose constant cannot be folded) and
     the bias each consumer gets. Keyed by id(module): `eff` the effective mask of a layer's
     weight, `inputs` a consumer's input on the reference batch and `weights` its weight
-    (both float64 on the CPU)."""
+    (both float64 on the CPU), `varying` per input column whether its value changes with
+    the input.
+
+    A dead channel whose value changes with the input has an input path, so it has no output
+    path: every row it reaches is dead too (else it would be on a path), and what it adds
+    there does not matter. A dead channel with a constant value (no input path) may reach
+    rows that matter: its contribution is folded into their bias when it is the same at
+    every position, else the channel is kept."""
     removed: list[set[int]] = []
     for g in groups:
         touched = [False] * g.size
@@ -349,6 +357,8 @@ def _plan(
             for gi, mem in mems:
                 for r in sorted(removed[gi]):
                     cols = mem.local[r]
+                    if any(varying[key][c] for c in cols):
+                        continue  # input-dependent: reaches dead rows only
                     if not any(x_nonzero[c] and read[c] for c in cols):
                         continue  # 0 here, or read by no kept row: nothing to fold
                     xr = x[:, cols] if isinstance(module, _CONV) else x[..., cols]
@@ -516,7 +526,9 @@ def _input_for(
                 from ntksap import models
 
                 default = models.defaults(zoo["name"]).input_shape
-                shape = (zoo.get("in_channels", default[0]), *default[1:])
+                side = zoo.get("input_size")  # e.g. the MLP's image side
+                spatial = (side, side) if isinstance(side, int) else default[1:]
+                shape = (zoo.get("in_channels", default[0]), *spatial)
         if shape is None:
             raise ValueError(
                 "compaction needs an example input: pass example_input=torch.randn(1, *shape) "
@@ -586,25 +598,40 @@ def compact_with_masks(
                 name = names[id(mem.module)]
                 eff[id(mem.module)] = eff_masks[f"{name}.weight" if name else "weight"]
 
-    # the input of every consumer on the reference batch (float64 for exact folds)
-    inputs: dict[int, torch.Tensor] = {}
+    # the input of every consumer on two reference batches (float64 for exact folds)
+    x2 = torch.randn(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    x2 = x2.to(x.device, x.dtype)
     consumers = {
         id(mem.module): mem.module for g in groups for mem in g.members if mem.role == "in"
     }
-    hooks = [
-        m.register_forward_hook(
-            lambda mod, args, out, key=key: inputs.__setitem__(key, args[0].detach().double().cpu())
-        )
-        for key, m in consumers.items()
-    ]
-    try:
-        with torch.no_grad():
-            work(x)
-    finally:
-        for h in hooks:
-            h.remove()
+    seen: list[dict[int, torch.Tensor]] = [{}, {}]
+    outputs = []
+    for batch, store in zip((x, x2), seen):
+        hooks = [
+            m.register_forward_hook(
+                lambda mod, args, out, key=key, store=store: store.__setitem__(
+                    key, args[0].detach().double().cpu()
+                )
+            )
+            for key, m in consumers.items()
+        ]
+        try:
+            with torch.no_grad():
+                outputs.append(work(batch))
+        finally:
+            for h in hooks:
+                h.remove()
+    inputs, reference2 = seen[0], outputs[1]
+    varying = {}  # per consumer column: does its value depend on the input
+    for key, a in seen[0].items():
+        b = seen[1][key]
+        cols = (lambda t: t.transpose(0, 1).flatten(1)) if a.dim() > 2 else (lambda t: t.t())
+        if isinstance(consumers[key], nn.Linear):
+            cols = lambda t: t.reshape(-1, t.shape[-1]).t()  # noqa: E731
+        diff = (cols(a) - cols(b)).abs().amax(1)
+        varying[key] = (diff > 1e-6 * (cols(a).abs().max() + 1e-30)).tolist()
     weights = {key: m.weight.detach().double().cpu() for key, m in consumers.items()}
-    plan = _plan(groups, eff, inputs, weights)
+    plan = _plan(groups, eff, inputs, weights, varying)
     if plan.kept_constant:
         notes.append(
             f"{plan.kept_constant} dead channel(s) kept: their constant output reaches a "
@@ -612,9 +639,6 @@ def compact_with_masks(
         )
 
     surgeon = _Surgeon(work, masks)
-    x2 = x * 0.5 + 0.25  # a second batch for the checks
-    with torch.no_grad():
-        reference2 = work(x2)
 
     def apply(gi: int) -> None:
         for key, bias in plan.folds.get(gi, {}).items():

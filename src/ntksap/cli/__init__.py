@@ -26,12 +26,12 @@ import sys
 import torch
 
 from ntksap import __version__
-from ntksap.cli import demo, listing, prune, report, spectrum, sweep, train
+from ntksap.cli import demo, export, listing, prune, report, spectrum, sweep, train
 from ntksap.cli.common import UsageError
 
 __all__ = ["UsageError", "build_parser", "main"]
 
-COMMANDS = (prune, train, sweep, report, spectrum, listing, demo)
+COMMANDS = (prune, train, sweep, report, spectrum, export, listing, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", help="show full tracebacks instead of one-line errors"
     )
     sub = parser.add_subparsers(
-        dest="command", metavar="{prune,train,run,sweep,report,spectrum,list,demo}", required=True
+        dest="command",
+        metavar="{prune,train,run,sweep,report,spectrum,export,list,demo}",
+        required=True,
     )
     for module in COMMANDS:
         module.add_parser(sub)
