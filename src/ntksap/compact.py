@@ -34,7 +34,9 @@ output, are left whole.
 
 The compacted model is for inference: BatchNorm keeps its running statistics and the model
 is returned in eval mode (in train mode BatchNorm uses batch statistics, which a folded
-constant does not follow).
+constant does not follow). It is exact for inputs of the example input's spatial size:
+which conv taps only ever read zero padding, and so which channels are dead, can depend
+on it (e.g. a 3x3 conv on a 1x1 map uses only its centre tap).
 
 Example:
     >>> import torch
@@ -120,7 +122,7 @@ class _Group:
         self.members.append(_Member(module, role, local))
 
 
-def _chain(module: nn.Module, producers: Sequence[nn.Module], size: int) -> _Group:
+def _chain(producers: Sequence[nn.Module], size: int) -> _Group:
     g = _Group(size)
     for p in producers:
         g.add(p, "bn" if isinstance(p, _BN) else "out")
@@ -133,7 +135,7 @@ def _zoo_groups(model: nn.Module) -> list[_Group] | None:
 
     if isinstance(model, cifar_resnet.CifarResNet | imagenet_resnet.ImageNetResNet):
         groups: list[_Group] = []
-        stream = _chain(model, [model.conv1, model.bn1], model.conv1.out_channels)
+        stream = _chain([model.conv1, model.bn1], model.conv1.out_channels)
         stages = [model.layer1, model.layer2, model.layer3]
         if isinstance(model, imagenet_resnet.ImageNetResNet):
             stages.append(model.layer4)
@@ -150,9 +152,9 @@ def _zoo_groups(model: nn.Module) -> list[_Group] | None:
                 if proj is not None:  # the stream ends here; the projection starts the next
                     stream.add(proj[0], "in")
                     groups.append(stream)
-                    stream = _chain(model, [proj[0], proj[1]], proj[0].out_channels)
+                    stream = _chain([proj[0], proj[1]], proj[0].out_channels)
                 for k in range(len(convs) - 1):  # block-internal feature maps
-                    inner = _chain(model, [convs[k], bns[k]], convs[k].out_channels)
+                    inner = _chain([convs[k], bns[k]], convs[k].out_channels)
                     inner.add(convs[k + 1], "in")
                     groups.append(inner)
                 stream.add(convs[-1], "out")
@@ -168,7 +170,7 @@ def _zoo_groups(model: nn.Module) -> list[_Group] | None:
                 if current is not None:
                     current.add(m, "in")
                     groups.append(current)
-                current = _chain(model, [m], m.out_channels)
+                current = _chain([m], m.out_channels)
             else:
                 assert current is not None
                 current.add(m, "bn")
@@ -178,22 +180,22 @@ def _zoo_groups(model: nn.Module) -> list[_Group] | None:
         return groups
     if isinstance(model, small.LeNet5):
         c1, c2 = model.features[0], model.features[3]
-        g1 = _chain(model, [c1], c1.out_channels)
+        g1 = _chain([c1], c1.out_channels)
         g1.add(c2, "in")
-        g2 = _chain(model, [c2], c2.out_channels)
+        g2 = _chain([c2], c2.out_channels)
         out = model.pool.output_size
         per = out * out if isinstance(out, int) else int(torch.tensor(out).prod())
         g2.add(model.fc1, "in", per)  # channel c -> columns c*per ... c*per + per - 1
-        g3 = _chain(model, [model.fc1], model.fc1.out_features)
+        g3 = _chain([model.fc1], model.fc1.out_features)
         g3.add(model.fc2, "in")
-        g4 = _chain(model, [model.fc2], model.fc2.out_features)
+        g4 = _chain([model.fc2], model.fc2.out_features)
         g4.add(model.fc3, "in")
         return [g1, g2, g3, g4]
     if isinstance(model, small.MLP):
         linears = [m for m in model.layers if isinstance(m, nn.Linear)]
         groups = []
         for a, b in itertools.pairwise(linears):
-            g = _chain(model, [a], a.out_features)
+            g = _chain([a], a.out_features)
             g.add(b, "in")
             groups.append(g)
         return groups

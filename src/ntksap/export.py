@@ -324,9 +324,12 @@ def _need(module: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        raise ImportError(
-            f"exporting needs {module}: pip install 'ntksap[deploy]' ({exc})"
-        ) from None
+        fix = (
+            "this ntksap has no sparse inference module"
+            if module.startswith("ntksap")
+            else "pip install 'ntksap[deploy]'"
+        )
+        raise ImportError(f"exporting needs {module}: {fix} ({exc})") from None
 
 
 @contextlib.contextmanager
