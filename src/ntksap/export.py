@@ -448,6 +448,9 @@ def export(
 ) -> ExportResult:
     """Compact `model` pruned by `masks`, write it to `path` in `format`, and check the file.
 
+    The model takes one tensor (batch, *input_shape) and returns one tensor (the ONNX graph
+    has one input "input" and one output "output", batch dimension dynamic).
+
     Args:
         model: the network (left untouched; masks attached by `apply_masks` or not).
         masks: its masks; None: the masks attached to `model`, or none (dense).
