@@ -18,6 +18,11 @@ progressively, which can change how many weights they leave dead.
 
     python benchmarks/effective_sparsity.py                       # both models, seed 0
     python benchmarks/effective_sparsity.py --models resnet20 --seeds 0 1 2
+    python benchmarks/effective_sparsity.py --runs SWEEP_DIR --out X.json   # trained runs
+
+With --runs it prunes nothing: it reads the run folders of finished sweeps (their masks and
+final top-1), computes each mask's effective sparsity, and prints top-1 beside nominal and
+effective sparsity per method and sparsity.
 
 Writes JSON (per model, method, sparsity, seed: nominal and effective density, collapsed
 tensors, seconds; settings, hardware, versions) to --out (default
@@ -27,6 +32,9 @@ benchmarks/results/effective_sparsity.json) and prints the markdown tables.
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
+import math
 import statistics
 import time
 import warnings
@@ -131,12 +139,113 @@ def tables(result: dict[str, Any]) -> str:
                 cells.append(f"{100 * (1 - e):.2f} (dead {100 * dead:.1f})")
             out.append(f"| {method} | " + " | ".join(cells) + " |")
         out += ["", f"**{model}**: ranking by effective density at equal nominal sparsity "
-                "(most effective weights first)", ""]  # fmt: skip
+                "(fewest dead weights first; = where the dead fractions shown are equal)",
+                ""]  # fmt: skip
         for k in ks:
-            order = sorted((m for m in means if k in means[m]), key=lambda m: -means[m][k])
-            out.append(f"- {100 * (1 - 0.8**k):.2f} %: " + " > ".join(order))
+            dead = {m: round(100 * (1 - means[m][k] / 0.8**k), 1) for m in means if k in means[m]}
+            out.append(f"- {100 * (1 - 0.8**k):.2f} %: " + ranking(dead))
         out.append("")
     return "\n".join(out)
+
+
+def ranking(values: dict[str, float], reverse: bool = False) -> str:
+    """Methods ordered by value (ascending, or descending with `reverse`), equal values
+    joined by "=".
+
+    >>> ranking({"a": 0.1, "b": 0.0, "c": 0.1})
+    'b > a = c'
+    """
+    order = sorted(values, key=lambda m: (-values[m] if reverse else values[m], m))
+    text = order[0] if order else ""
+    for prev, m in itertools.pairwise(order):
+        text += (" = " if values[m] == values[prev] else " > ") + m
+    return text
+
+
+def trained_runs(dirs: list[Path]) -> dict[str, Any]:
+    """Per (method, nominal sparsity) of finished runs: mean effective sparsity of their
+    masks and mean final top-1, with n."""
+    from ntksap.experiments.records import find_run_folders, read_record
+
+    cells: dict[tuple[str, float], list[tuple[float, float]]] = {}
+    for folder in find_run_folders(dirs):
+        rec = read_record(folder)
+        if rec.top1 is None or rec.effective_sparsity is None:
+            continue
+        # px was run with both BatchNorm rules: keep them apart
+        stats = (rec.config.get("prune") or {}).get("options", {}).get("norm_stats")
+        label = rec.method + (f" norm_stats={stats}" if stats else "")
+        key = (label, round(rec.sparsity, 4))
+        cells.setdefault(key, []).append((rec.effective_sparsity, rec.top1))
+    return {
+        f"{m} {s}": {
+            "method": m,
+            "sparsity": s,
+            "n": len(v),
+            "effective_sparsity": statistics.fmean(e for e, _ in v),
+            "top1": statistics.fmean(t for _, t in v),
+        }
+        for (m, s), v in sorted(cells.items())
+    }
+
+
+def trained_table(cells: dict[str, Any]) -> str:
+    """Markdown: top-1 and mean effective sparsity per method (rows) and sparsity (columns)."""
+    sps = sorted({c["sparsity"] for c in cells.values()})
+    methods = list(dict.fromkeys(c["method"] for c in cells.values()))
+    rows = [
+        "| method | " + " | ".join(f"{100 * s:.1f} %: top-1 (eff. sparsity)" for s in sps) + " |",
+        "|---|" + "---:|" * len(sps),
+    ]
+    for m in methods:
+        shown = []
+        for s in sps:
+            c = cells.get(f"{m} {s}")
+            shown.append(
+                "" if c is None else f"{c['top1']:.1f} ({100 * c['effective_sparsity']:.2f} %)"
+            )
+        rows.append(f"| {m} | " + " | ".join(shown) + " |")
+    return "\n".join(rows)
+
+
+def at_effective(cells: dict[str, Any], method: str, sparsity: float) -> float | None:
+    """`method`'s top-1 at effective sparsity `sparsity`: linear in log(effective density)
+    between its two runs' cells that bracket it; None outside its measured range."""
+    pts = sorted(
+        (math.log(1 - c["effective_sparsity"]), c["top1"])
+        for c in cells.values()
+        if c["method"] == method and c["effective_sparsity"] < 1
+    )
+    x = math.log(1 - sparsity)
+    for (x0, y0), (x1, y1) in itertools.pairwise(pts):
+        if x0 <= x <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
+
+
+def rank_changes(cells: dict[str, Any]) -> str:
+    """Markdown: per nominal sparsity, the ranking by top-1 at equal nominal sparsity and at
+    equal effective sparsity (each method's top-1 interpolated at the nominal value)."""
+    sps = sorted({c["sparsity"] for c in cells.values()})
+    methods = list(dict.fromkeys(c["method"] for c in cells.values()))
+    lines = [
+        "| sparsity | ranking at equal nominal sparsity | ranking at equal effective "
+        "sparsity (interpolated top-1) |",
+        "|---|---|---|",
+    ]
+    for s in sps:
+        nominal = {m: round(cells[f"{m} {s}"]["top1"], 1) for m in methods if f"{m} {s}" in cells}
+        matched = {m: v for m in methods if (v := at_effective(cells, m, s)) is not None}
+        shown = {m: f"{m} {v:.1f}" for m, v in matched.items()}
+        eff = ranking({shown[m]: round(v, 1) for m, v in matched.items()}, reverse=True)
+        missing = sorted(set(nominal) - set(matched))
+        if not matched:
+            eff = "n/a: effective >= nominal sparsity, no run below this one to interpolate from"
+        elif missing:
+            eff += f" (out of range: {', '.join(missing)})"
+        nom = ranking({f"{m} {v:.1f}": v for m, v in nominal.items()}, reverse=True)
+        lines.append(f"| {100 * s:.1f} % | {nom} | {eff} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -149,7 +258,21 @@ def main() -> None:
     ap.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "effective_sparsity.json"
     )
+    ap.add_argument("--runs", nargs="+", type=Path, help="report trained run folders instead")
+    ap.add_argument(
+        "--merge", action="store_true", help="add to the runs already in --out (more seeds)"
+    )
     args = ap.parse_args()
+    if args.runs:
+        cells = trained_runs(args.runs)
+        what = "trained runs: effective sparsity of their masks, final top-1"
+        write_evidence(
+            args.out, {"what": what, "runs": [str(d) for d in args.runs], "cells": cells}
+        )
+        print(trained_table(cells))
+        print()
+        print(rank_changes(cells))
+        return
     result: dict[str, Any] = {
         "what": "nominal vs effective density (ntksap.masks.effective) per method",
         "models": {
@@ -163,6 +286,15 @@ def main() -> None:
         "ntksap": ntksap.__version__,
         "runs": {},
     }
+    if args.merge and args.out.is_file():
+        old = json.loads(args.out.read_text())
+        result["runs"] = old["runs"]
+        result["seeds"] = sorted(set(old["seeds"]) | set(args.seeds))
+        result["settings"] = {**old["settings"], **result["settings"]}
+        result["models"] = {**old["models"], **result["models"]}
+        result["earlier_wall_seconds"] = old.get("wall_seconds", 0) + old.get(
+            "earlier_wall_seconds", 0
+        )
     started = time.perf_counter()
     for model in args.models:
         for seed in args.seeds:
