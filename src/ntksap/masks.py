@@ -2,7 +2,8 @@
 
 The effective weight of a pruned network is `theta * m`. Density is always computed from the
 masks themselves (kept / total), never from weights, so it stays true when an optimiser
-moves the stored tensor at pruned places.
+moves the stored tensor at pruned places. `effective(model, masks)` keeps only the weights on
+an input-to-output path (the effective density is <= the nominal one).
 
 Example:
     >>> import torch
