@@ -379,6 +379,15 @@ def test_layer_table_shows_effective_density() -> None:
     assert "effective        n/a" in format_table(stats, totals)
 
 
+def test_layer_table_warns_when_the_path_analysis_cannot_read_the_model() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 1, 3), nn.MaxPool2d(2, dilation=2))
+    masks = Masks({"0.weight": torch.ones(1, 1, 3, 3, dtype=torch.bool)})
+    with pytest.warns(UserWarning, match="effective density not computed.*dilation"):
+        stats, totals = layer_table(net, masks, (1, 9, 9))
+    assert stats[0].kept == 9 and stats[0].effective_density is None
+    assert "effective        n/a" in format_table(stats, totals)
+
+
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("eff") / "sweep" / "runs" / "random-0.9"
