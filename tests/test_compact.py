@@ -269,6 +269,37 @@ def test_arbitrary_model_via_torch_pruning() -> None:
     assert small.c.out_channels < 8 or small.fc1.out_features < 16
 
 
+class Concat(nn.Module):
+    """Two convs reading one map, concatenated, flattened into a Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 8, 1)
+        self.d = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(16 * 2 * 2, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.a(x))
+        z = torch.cat([self.c(y), self.d(y)], 1)  # (N, 16, H, W)
+        return self.fc(nn.functional.adaptive_avg_pool2d(z, 2).flatten(1))
+
+
+def test_groups_the_traced_graph_gets_wrong_are_left_whole() -> None:
+    # Torch-Pruning 1.6 couples c's and d's channels i across the concatenation (and maps
+    # both onto the first half of fc's columns): cutting that group would change the
+    # outputs, so compaction undoes it and says so; the rest is still cut
+    pytest.importorskip("torch_pruning")
+    torch.manual_seed(0)
+    net = trained_like(Concat())
+    masks = random_masks(net, density=0.5, dead=0.35, seed=1)
+    small, _, notes = compact_with_masks(net, masks, torch.zeros(1, 3, 8, 8))
+    x = torch.randn(2, 3, 8, 8)
+    assert relative_error(small(x), masked_output(net, masks, x)) <= 1e-5
+    assert small.a.out_channels < 16
+    assert all("left whole" in n for n in notes)
+
+
 def test_arbitrary_model_needs_an_input_shape() -> None:
     net = Branchy()
     masks = random_masks(net, density=0.5, dead=0.3)

@@ -84,6 +84,8 @@ __all__ = [
 #: Largest max|compacted - masked| / max|masked| that `compact` accepts.
 TOLERANCE = 1e-5
 
+OUTPUT_GROUP = "it produces the model's output"
+
 _CONV = nn.modules.conv._ConvNd
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -234,7 +236,7 @@ def _tp_groups(model: nn.Module, x: torch.Tensor) -> tuple[list[_Group], list[st
             mod = item.dep.target.module
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
             if isinstance(mod, tp.ops._OutputOp):
-                problem = "it produces the model's output"
+                problem = OUTPUT_GROUP
             elif isinstance(mod, tp.ops._CustomizedOp | nn.Parameter):
                 problem = f"it holds {type(mod).__name__}, which cannot be cut here"
             elif type(mod).__module__.startswith("torch_pruning"):
@@ -258,6 +260,8 @@ def _tp_groups(model: nn.Module, x: torch.Tensor) -> tuple[list[_Group], list[st
             if problem:
                 break
             group.members.append(_Member(mod, role, local))
+        if problem == OUTPUT_GROUP:
+            continue  # the model's outputs are never cut: nothing to report
         if problem:
             notes.append(f"group of {where} left whole: {problem}")
         elif group.members:
