@@ -93,6 +93,22 @@ def test_mlp_dead_unit_dead_input_dead_output() -> None:
     assert got.metadata["effective_density"] == got.density == 7 / (16 + 12 + 9)
 
 
+def test_masked_biases_make_no_unit_alive() -> None:
+    # include_bias masks: a kept bias is effective when its unit reaches the output; it is
+    # never a path source, so the weights found above stay exactly the same
+    net = mlp()
+    biases = {"0.bias": [1, 1, 1, 1], "2.bias": [1, 1, 0], "4.bias": [1, 1, 1]}
+    masks = Masks({**{k: bools(v) for k, v in MLP_MASKS.items()},
+                   **{k: bools(v) for k, v in biases.items()}})  # fmt: skip
+    got = effective(net, masks)
+    assert_masks(Masks({k: got[k] for k in MLP_MASKS}), MLP_EFFECTIVE)
+    # h1_3 has no kept output; every other kept bias's unit reaches a logit (h1_1 via h2_0,
+    # although h1_1 has no input; h2_2's bias was pruned)
+    assert got["0.bias"].tolist() == [True, True, True, False]
+    assert got["2.bias"].tolist() == [True, True, False]
+    assert got["4.bias"].tolist() == [True, True, True]
+
+
 def test_model_and_masks_untouched_and_attached_masks_give_the_same() -> None:
     net = mlp()
     masks = Masks({k: bools(v) for k, v in MLP_MASKS.items()})

@@ -517,7 +517,9 @@ def effective(
     Only the masks matter, never the weight values:
       * biases (and BatchNorm's beta) are not path sources: a unit with a bias but no kept
         input outputs a constant that carries no information about the input, so its
-        outgoing weights are not effective;
+        outgoing weights are not effective. A masked bias (`include_bias`) is effective when
+        it is kept and its unit reaches the output (its constant can still shift the
+        output), whether or not the unit has an input;
       * normalisation layers (BatchNorm in eval, LayerNorm, GroupNorm, ...) and elementwise
         activations are per-unit maps that neither cut nor join paths; a BatchNorm channel
         with gamma = 0 (e.g. zero-initialised residual branches) still counts as connected,
@@ -530,7 +532,7 @@ def effective(
     unit reaches the output (at one position, for a conv).
 
     How. A private float64 copy of the model in eval mode, its masked weights set to the
-    0/1 mask, other weights to 1 and biases to 0, is fed an all-ones input (SynFlow's path
+    0/1 mask, other weights to 1 and all biases to 0, is fed an all-ones input (SynFlow's path
     count, > 0 exactly on effective weights). Both the signal and the gradient of the output
     sum are reset to 0/1 indicators after every leaf module, so path counts never overflow
     or underflow however deep the network (float32 SynFlow products do, beyond a few dozen
@@ -579,11 +581,14 @@ def effective(
     params = named_parameters_canonical(work)
     with torch.no_grad():
         for name, p in params.items():
-            if name in masks:
+            if not p.is_floating_point():
+                continue
+            if "bias" in name.rpartition(".")[2]:
+                p.fill_(0.0)  # biases are no path sources, masked (include_bias) or not
+            elif name in masks:
                 p.copy_(masks[name].to(device=p.device, dtype=p.dtype))
-            elif p.is_floating_point():
-                # biases are no path sources; every other unmasked weight is a kept one
-                p.fill_(0.0 if "bias" in name.rpartition(".")[2] else 1.0)
+            else:
+                p.fill_(1.0)  # an unmasked weight is a kept one
     for p in work.parameters():
         p.requires_grad_(False)
     wanted = {name: params[name] for name in masks}
