@@ -57,6 +57,11 @@ CONV_CASES = [
     (4, 16, 13, 13, 8, 3, 1, 0),
     (1, 1, 1, 1, 2, 1, 1, 0),
     (2, 3, 6, 7, 3, 3, 3, 1),
+    # batches large enough that small planes are grouped several images per strip, with a
+    # shorter last group
+    (23, 5, 6, 7, 6, 3, 1, 1),
+    (23, 4, 9, 9, 5, 3, 2, 1),
+    (17, 3, 5, 5, 4, 1, 2, 0),
 ]
 
 

@@ -70,6 +70,137 @@ void check_csr(const torch::Tensor& rowptr, const torch::Tensor& col, const torc
 
 }  // namespace
 
+namespace {
+
+struct ConvGeometry {
+  int64_t C, H, W, O, kh, kw, s, pad, Ho, Wo, Hq, Wq, plane;
+};
+
+// A group of G images' padded polyphase planes, laid out (C, s*s, G, plane) so that one
+// input channel's planes of all G images are contiguous: a strip then runs across images.
+// dst[((c*s*s + py*s + px) * G + g) * plane + qy*Wq + qx] =
+//   x[n0 + g, c, s*qy + py - pad, s*qx + px - pad], zero outside the input.
+// Only the phases some nonzero weight reads (`used`) are written (a 1x1 stride-2
+// shortcut reads one of four). kSlack zeros follow the last plane.
+void prepare_group(const float* __restrict src0, int64_t G, float* __restrict dst_grp,
+                   const ConvGeometry& g, const std::vector<char>& used, int64_t c_begin,
+                   int64_t c_end) {
+  const int64_t s = g.s, pad = g.pad, H = g.H, W = g.W, Wq = g.Wq, Hq = g.Hq, plane = g.plane;
+  const int64_t in_img = g.C * H * W;
+  for (int64_t c = c_begin; c < c_end; ++c)
+    for (int64_t ph = 0; ph < s * s; ++ph) {
+      if (!used[ph]) continue;
+      const int64_t py = ph / s, px = ph % s;
+      for (int64_t gi = 0; gi < G; ++gi) {
+        const float* src = src0 + gi * in_img + c * H * W;
+        float* dst = dst_grp + ((c * s * s + ph) * G + gi) * plane;
+        if (s == 1) {
+          // Zero only what the copy leaves: top/bottom pad rows (+ extra row), side pads.
+          std::memset(dst, 0, sizeof(float) * pad * Wq);
+          std::memset(dst + (pad + H) * Wq, 0, sizeof(float) * (plane - (pad + H) * Wq));
+          for (int64_t yy = 0; yy < H; ++yy) {
+            float* row = dst + (yy + pad) * Wq;
+            if (pad > 0) {
+              std::memset(row, 0, sizeof(float) * pad);
+              std::memset(row + pad + W, 0, sizeof(float) * (Wq - pad - W));
+            }
+            std::memcpy(row + pad, src + yy * W, sizeof(float) * W);
+          }
+          continue;
+        }
+        std::memset(dst, 0, sizeof(float) * plane);
+        const int64_t qx0 = pad > px ? (pad - px + s - 1) / s : 0;  // first column inside
+        const int64_t xx0 = s * qx0 + px - pad;
+        const int64_t count = xx0 < W ? std::min(Wq - qx0, (W - 1 - xx0) / s + 1) : 0;
+        for (int64_t qy = 0; qy < Hq; ++qy) {
+          const int64_t yy = s * qy + py - pad;  // phase row qy = input row yy
+          if (yy < 0 || yy >= H) continue;
+          const float* __restrict srow = src + yy * W + xx0;
+          float* __restrict drow = dst + qy * Wq + qx0;
+          for (int64_t k = 0; k < count; ++k) drow[k] = srow[k * s];
+        }
+      }
+    }
+  if (c_end == g.C) std::memset(dst_grp + g.C * s * s * G * plane, 0, sizeof(float) * kSlack);
+}
+
+void dispatch_chunk(int64_t vecs, const float* base, const int64_t* offs, const float* vals,
+                    int64_t n, float* acc) {
+  switch (vecs) {
+    case 16: strip_chunk<16>(base, offs, vals, n, acc); break;
+    case 15: strip_chunk<15>(base, offs, vals, n, acc); break;
+    case 14: strip_chunk<14>(base, offs, vals, n, acc); break;
+    case 13: strip_chunk<13>(base, offs, vals, n, acc); break;
+    case 12: strip_chunk<12>(base, offs, vals, n, acc); break;
+    case 11: strip_chunk<11>(base, offs, vals, n, acc); break;
+    case 10: strip_chunk<10>(base, offs, vals, n, acc); break;
+    case 9: strip_chunk<9>(base, offs, vals, n, acc); break;
+    case 8: strip_chunk<8>(base, offs, vals, n, acc); break;
+    case 7: strip_chunk<7>(base, offs, vals, n, acc); break;
+    case 6: strip_chunk<6>(base, offs, vals, n, acc); break;
+    case 5: strip_chunk<5>(base, offs, vals, n, acc); break;
+    case 4: strip_chunk<4>(base, offs, vals, n, acc); break;
+    case 3: strip_chunk<3>(base, offs, vals, n, acc); break;
+    case 2: strip_chunk<2>(base, offs, vals, n, acc); break;
+    default: strip_chunk<1>(base, offs, vals, n, acc); break;
+  }
+}
+
+// Output channels [o_begin, o_end) of a group of G images from its prepared planes.
+// The wide output strip of the group has G * plane floats (image gi at gi * plane, row y
+// at y * Wq; rows >= Ho and columns >= Wo are garbage). Chunk-outer, channel-inner: one
+// chunk (up to 16 x 16 floats, in registers) is computed for every output channel in turn,
+// so the input window it reads stays in L1/L2 across channels.
+void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
+                const int32_t* rp, const int64_t* offs, const float* vals, const float* bias,
+                const float* res_grp, float* out_grp, bool relu, int64_t o_begin,
+                int64_t o_end) {
+  alignas(64) float acc[16 * kVec];
+  const int64_t Wq = g.Wq, Wo = g.Wo, Ho = g.Ho, HoWo = Ho * Wo, rows_per_img = g.Hq + 1;
+  const int64_t img_out = g.O * HoWo;
+  // The strip ends after the last valid output of the last image.
+  const int64_t L = (G - 1) * g.plane + Ho * Wq;
+  const int64_t Lr = (L + kVec - 1) / kVec * kVec;
+  for (int64_t i0 = 0; i0 < Lr; i0 += 16 * kVec) {
+    const int64_t vecs = std::min<int64_t>(16, (Lr - i0) / kVec);
+    const int64_t i1 = std::min(i0 + vecs * kVec, L);
+    for (int64_t o = o_begin; o < o_end; ++o) {
+      const int64_t j0 = rp[o], n = rp[o + 1] - j0;
+      if (n > 0) {
+        dispatch_chunk(vecs, prep + i0, offs + j0, vals + j0, n, acc);
+      } else {
+        std::memset(acc, 0, sizeof(float) * vecs * kVec);  // a dead channel: bias only
+      }
+      // Epilogue: the chunk's valid outputs (y < Ho, x < Wo) of each wide row it touches.
+      const float bo = bias ? bias[o] : 0.f;
+      for (int64_t R = i0 / Wq; R * Wq < i1; ++R) {
+        const int64_t gi = R / rows_per_img, y = R % rows_per_img;
+        if (y >= Ho) continue;
+        const int64_t a = std::max(i0, R * Wq), b = std::min(i1, R * Wq + Wo);
+        if (a >= b) continue;
+        const float* av = acc + (a - i0);
+        const int64_t x0 = a - R * Wq, len = b - a;
+        const int64_t at = gi * img_out + o * HoWo + y * Wo + x0;
+        float* __restrict d = out_grp + at;
+        if (res_grp) {
+          const float* __restrict r = res_grp + at;
+          if (relu)
+            for (int64_t k = 0; k < len; ++k) d[k] = std::max(av[k] + bo + r[k], 0.f);
+          else
+            for (int64_t k = 0; k < len; ++k) d[k] = av[k] + bo + r[k];
+        } else {
+          if (relu)
+            for (int64_t k = 0; k < len; ++k) d[k] = std::max(av[k] + bo, 0.f);
+          else
+            for (int64_t k = 0; k < len; ++k) d[k] = av[k] + bo;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
 // x: (N, C, H, W) float32; CSR over (O, C*kh*kw) with column c*kh*kw + dy*kw + dx;
 // bias: (O,) or empty; residual: (N, O, Ho, Wo) or empty; out: (N, O, Ho, Wo) buffer or empty;
 // returns act(conv + bias + residual) (in `out` when it fits).
@@ -80,18 +211,18 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x must be (N, C, H, W) float32");
   TORCH_CHECK(stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1, "bad conv geometry");
   x = x.contiguous();
-  const int64_t N = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  const int64_t O = rowptr.size(0) - 1;
-  check_csr(rowptr, col, val, O);
-  const int64_t s = stride;
-  const int64_t Hp = H + 2 * pad, Wp = W + 2 * pad;
+  ConvGeometry g;
+  const int64_t N = x.size(0);
+  g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
+  g.O = rowptr.size(0) - 1;
+  check_csr(rowptr, col, val, g.O);
+  g.kh = kh, g.kw = kw, g.s = stride, g.pad = pad;
+  const int64_t Hp = g.H + 2 * pad, Wp = g.W + 2 * pad;
   TORCH_CHECK(Hp >= kh && Wp >= kw, "input smaller than the kernel");
-  const int64_t Ho = (Hp - kh) / s + 1, Wo = (Wp - kw) / s + 1;
-  const int64_t Hq = (Hp + s - 1) / s, Wq = (Wp + s - 1) / s;  // polyphase plane size
-  const int64_t plane = (Hq + 1) * Wq;                          // +1 row: strips may overrun
-  const int64_t per_image = C * s * s * plane + kSlack;
-  const int64_t L = Ho * Wq;                                     // wide output strip length
-  const int64_t Lr = (L + kVec - 1) / kVec * kVec;
+  g.Ho = (Hp - kh) / g.s + 1, g.Wo = (Wp - kw) / g.s + 1;
+  g.Hq = (Hp + g.s - 1) / g.s, g.Wq = (Wp + g.s - 1) / g.s;  // polyphase plane size
+  g.plane = (g.Hq + 1) * g.Wq;  // +1 row: strips of garbage columns may overrun
+  const int64_t O = g.O, Ho = g.Ho, Wo = g.Wo, s = g.s;
 
   const bool has_bias = bias.defined() && bias.numel() > 0;
   const bool has_res = residual.defined() && residual.numel() > 0;
@@ -110,102 +241,78 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
     out = torch::empty({N, O, Ho, Wo}, x.options());
   if (N == 0 || O == 0) return out;
 
-  // Padded polyphase copy of the input: (N, C, s*s, Hq + 1, Wq) + slack, zero outside.
-  // A per-calling-thread workspace that only grows: a fresh multi-MB buffer per call would
-  // cost more in page faults than the whole sparse product.
-  thread_local std::vector<float> workspace;
-  if (static_cast<int64_t>(workspace.size()) < N * per_image) workspace.resize(N * per_image);
-  const float* xp = x.data_ptr<float>();
-  float* pp = workspace.data();
-  at::parallel_for(0, N * C, 1, [&](int64_t b, int64_t e) {
-    for (int64_t nc = b; nc < e; ++nc) {
-      const int64_t n = nc / C, c = nc % C;
-      const float* src = xp + nc * H * W;
-      float* dst0 = pp + n * per_image + c * s * s * plane;
-      if (s == 1) {
-        // Zero only what the copy leaves: top/bottom pad rows (+ the extra row), side pads.
-        std::memset(dst0, 0, sizeof(float) * pad * Wq);
-        std::memset(dst0 + (pad + H) * Wq, 0, sizeof(float) * (plane - (pad + H) * Wq));
-        if (pad > 0)
-          for (int64_t yy = 0; yy < H; ++yy) {
-            float* row = dst0 + (yy + pad) * Wq;
-            std::memset(row, 0, sizeof(float) * pad);
-            std::memset(row + pad + W, 0, sizeof(float) * (Wq - pad - W));
-          }
-      } else {
-        std::memset(dst0, 0, sizeof(float) * s * s * plane);
-      }
-      if (c == C - 1) std::memset(dst0 + s * s * plane, 0, sizeof(float) * kSlack);
-      for (int64_t py = 0; py < s; ++py)
-        for (int64_t px = 0; px < s; ++px) {
-          float* dst = dst0 + (py * s + px) * plane;
-          // phase row qy holds padded row s*qy + py = input row s*qy + py - pad
-          for (int64_t qy = 0; qy < Hq; ++qy) {
-            const int64_t yy = s * qy + py - pad;
-            if (yy < 0 || yy >= H) continue;
-            const float* srow = src + yy * W;
-            float* drow = dst + qy * Wq;
-            if (s == 1) {
-              std::memcpy(drow + pad, srow, sizeof(float) * W);
-            } else {
-              // phase column qx holds input column s*qx + px - pad
-              int64_t qx = (pad - px + s - 1) / s;  // first qx with s*qx + px - pad >= 0
-              if (pad - px < 0) qx = 0;
-              for (int64_t xx = s * qx + px - pad; qx < Wq && xx < W; ++qx, xx += s)
-                drow[qx] = srow[xx];
-            }
-          }
-        }
-    }
-  });
+  // Images per group: enough that a group's strip is ~1000 floats (small feature maps
+  // otherwise spend their time in per-channel loop overhead), and enough groups for the
+  // threads.
+  const int64_t threads = at::get_num_threads();
+  int64_t G = std::max<int64_t>(1, 1024 / g.plane);
+  G = std::min(G, std::max<int64_t>(1, N / (2 * threads)));
+  const int64_t groups = (N + G - 1) / G;
+  auto group_size = [&](int64_t gr) { return std::min(G, N - gr * G); };
+  const int64_t per_group = g.C * s * s * G * g.plane + kSlack;
 
-  // Offset of every nonzero's strip inside one image's prepared buffer.
+  // Strip offset of every nonzero inside a group's prepared planes (depends on G), and
+  // which polyphase components are read at all.
   const int64_t nnz = col.numel();
-  std::vector<int64_t> offs(nnz);
   const int32_t* cp = col.data_ptr<int32_t>();
   const int64_t khw = kh * kw;
-  for (int64_t j = 0; j < nnz; ++j) {
-    const int64_t cc = cp[j] / khw, r = cp[j] % khw, dy = r / kw, dx = r % kw;
-    TORCH_CHECK(cc < C, "column index beyond in_channels * kh * kw");
-    offs[j] = (cc * s * s + (dy % s) * s + (dx % s)) * plane + (dy / s) * Wq + (dx / s);
-  }
+  std::vector<char> used(s * s, 0);
+  auto offsets = [&](int64_t gsize, std::vector<int64_t>& offs) {
+    offs.resize(nnz);
+    for (int64_t j = 0; j < nnz; ++j) {
+      const int64_t cc = cp[j] / khw, r = cp[j] % khw, dy = r / kw, dx = r % kw;
+      TORCH_CHECK(cp[j] >= 0 && cc < g.C, "column index beyond in_channels * kh * kw");
+      const int64_t ph = (dy % s) * s + (dx % s);
+      used[ph] = 1;
+      offs[j] = ((cc * s * s + ph) * gsize) * g.plane + (dy / s) * g.Wq + (dx / s);
+    }
+  };
+  std::vector<int64_t> offs_full, offs_last;
+  offsets(G, offs_full);
+  const int64_t last = group_size(groups - 1);
+  if (last != G) offsets(last, offs_last);
+
   const int32_t* rp = rowptr.data_ptr<int32_t>();
   const float* vp = val.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   const float* resp = has_res ? residual.data_ptr<float>() : nullptr;
+  const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
+  const int64_t in_img = g.C * g.H * g.W, out_img = O * Ho * Wo;
 
-  at::parallel_for(0, N * O, 1, [&](int64_t b, int64_t e) {
-    std::vector<float> acc(Lr);
-    for (int64_t no = b; no < e; ++no) {
-      const int64_t n = no / O, o = no % O;
-      const float* base = pp + n * per_image;
-      const int64_t j0 = rp[o], j1 = rp[o + 1];
-      const int64_t* of = offs.data() + j0;
-      const float* vv = vp + j0;
-      int64_t i = 0;
-      for (; i + 8 * kVec <= Lr; i += 8 * kVec) strip_chunk<8>(base + i, of, vv, j1 - j0, &acc[i]);
-      if (i + 4 * kVec <= Lr) { strip_chunk<4>(base + i, of, vv, j1 - j0, &acc[i]); i += 4 * kVec; }
-      if (i + 2 * kVec <= Lr) { strip_chunk<2>(base + i, of, vv, j1 - j0, &acc[i]); i += 2 * kVec; }
-      if (i + kVec <= Lr) { strip_chunk<1>(base + i, of, vv, j1 - j0, &acc[i]); i += kVec; }
-      // Epilogue: keep the Wo valid columns of every wide row; + bias (+ residual), ReLU.
-      const float bo = bp ? bp[o] : 0.f;
-      float* dst = op + no * Ho * Wo;
-      const float* res = resp ? resp + no * Ho * Wo : nullptr;
-      for (int64_t y = 0; y < Ho; ++y) {
-        const float* a = &acc[y * Wq];
-        float* d = dst + y * Wo;
-        if (res) {
-          const float* rr = res + y * Wo;
-          for (int64_t xx = 0; xx < Wo; ++xx) d[xx] = a[xx] + bo + rr[xx];
-        } else {
-          for (int64_t xx = 0; xx < Wo; ++xx) d[xx] = a[xx] + bo;
-        }
-        if (relu)
-          for (int64_t xx = 0; xx < Wo; ++xx) d[xx] = d[xx] > 0.f ? d[xx] : 0.f;
+  if (groups >= 2 * threads) {
+    // Many groups: one task per group, its planes prepared in a per-thread buffer that
+    // stays in cache while every output channel reads it.
+    at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
+      thread_local std::vector<float> buf;
+      if (static_cast<int64_t>(buf.size()) < per_group) buf.resize(per_group);
+      for (int64_t gr = b; gr < e; ++gr) {
+        const int64_t gs = group_size(gr), n0 = gr * G;
+        prepare_group(xp + n0 * in_img, gs, buf.data(), g, used, 0, g.C);
+        const int64_t* of = gs == G ? offs_full.data() : offs_last.data();
+        conv_group(buf.data(), gs, g, rp, of, vp, bp, resp ? resp + n0 * out_img : nullptr,
+                   op + n0 * out_img, relu, 0, O);
       }
+    });
+  } else {
+    // Few images (batch 1): prepare each group once (channels split), then split the
+    // output channels between the threads.
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < groups * per_group) buf.resize(groups * per_group);
+    float* pp = buf.data();
+    for (int64_t gr = 0; gr < groups; ++gr) {
+      const int64_t gs = group_size(gr), n0 = gr * G;
+      float* dst = pp + gr * per_group;
+      at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) {
+        prepare_group(xp + n0 * in_img, gs, dst, g, used, b, e);
+      });
+      const int64_t* of = gs == G ? offs_full.data() : offs_last.data();
+      at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) {
+        conv_group(dst, gs, g, rp, of, vp, bp, resp ? resp + n0 * out_img : nullptr,
+                   op + n0 * out_img, relu, b, e);
+      });
     }
-  });
+  }
   return out;
 }
 
