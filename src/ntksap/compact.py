@@ -204,6 +204,42 @@ def _zoo_groups(model: nn.Module) -> list[_Group] | None:
     return None
 
 
+def _output_layers(model: nn.Module, x: torch.Tensor) -> set[int]:
+    """id() of the conv/Linear layers whose output IS (a view of) a model output: their
+    output channels are the model's interface and are never cut."""
+    outs: dict[int, torch.Tensor] = {}
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: outs.__setitem__(id(mod), out))
+        for m in model.modules()
+        if isinstance(m, _CONV | nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    found: list[torch.Tensor] = []
+
+    def collect(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            found.append(v)
+        elif isinstance(v, Mapping):
+            for u in v.values():
+                collect(u)
+        elif isinstance(v, list | tuple):
+            for u in v:
+                collect(u)
+
+    collect(y)
+    ptrs = {t.untyped_storage().data_ptr() for t in found}
+    return {
+        key
+        for key, out in outs.items()
+        if isinstance(out, torch.Tensor) and out.untyped_storage().data_ptr() in ptrs
+    }
+
+
 def _tp_groups(model: nn.Module, x: torch.Tensor) -> tuple[list[_Group], list[str]]:
     """Channel groups of any model from Torch-Pruning's dependency graph, and notes on the
     groups left whole (with the reason)."""
@@ -224,6 +260,7 @@ def _tp_groups(model: nn.Module, x: torch.Tensor) -> tuple[list[_Group], list[st
             "compaction needs a model it can trace with example_input"
         ) from exc
     names = {id(m): n for n, m in model.named_modules()}
+    heads = _output_layers(model, x)
     groups: list[_Group] = []
     notes: list[str] = []
     for tg in raw:
@@ -235,7 +272,7 @@ def _tp_groups(model: nn.Module, x: torch.Tensor) -> tuple[list[_Group], list[st
         for item in tg.items:
             mod = item.dep.target.module
             is_out = graph.is_out_channel_pruning_fn(item.dep.handler)
-            if isinstance(mod, tp.ops._OutputOp):
+            if isinstance(mod, tp.ops._OutputOp) or (is_out and id(mod) in heads):
                 problem = OUTPUT_GROUP
             elif isinstance(mod, tp.ops._CustomizedOp | nn.Parameter):
                 problem = f"it holds {type(mod).__name__}, which cannot be cut here"
