@@ -1,6 +1,6 @@
 """`ntksap export`: a pruned network as an ONNX file or an ntksap sparse model, checked.
 
-SOURCE is a mask file (`ntksap prune --out`: the zoo model is rebuilt from its metadata
+MASK_OR_RUN is a mask file (`ntksap prune --out`: the zoo model is rebuilt from its metadata
 with its initial weights) or a run folder (`ntksap run/train --out`: the trained weights of
 its checkpoint, else the initial ones). The model is compacted first (dead channels
 removed, constants folded into biases, pruned weights exact zeros; --no-compact exports it
@@ -13,7 +13,8 @@ Examples:
     $ ntksap export runs/m5k --format onnx --out m5k.onnx
     $ ntksap export runs/m5k --format sparse              # -> runs/m5k/model.sparse.safetensors
 
-Exit codes: 0 written and checked; 2 bad input (nothing written); 1 the export failed or
+Exit codes: 0 written and checked; 2 bad input, or a model that cannot be compacted exactly
+(nothing written); 1 the export failed or
 did not match torch.
 """
 
