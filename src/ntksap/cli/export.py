@@ -14,8 +14,7 @@ Examples:
     $ ntksap export runs/m5k --format sparse              # -> runs/m5k/model.sparse.safetensors
 
 Exit codes: 0 written and checked; 2 bad input, or a model that cannot be compacted exactly
-(nothing written); 1 the export failed or
-did not match torch.
+(nothing written); 1 the export failed or did not match torch.
 """
 
 from __future__ import annotations
