@@ -96,15 +96,16 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
         float* dst = dst_grp + ((c * s * s + ph) * G + gi) * plane;
         if (s == 1) {
           // Zero only what the copy leaves: top/bottom pad rows (+ extra row), side pads.
-          std::memset(dst, 0, sizeof(float) * pad * Wq);
-          std::memset(dst + (pad + H) * Wq, 0, sizeof(float) * (plane - (pad + H) * Wq));
+          // Plain loops, not memset/memcpy calls: rows are often 8-32 floats, where the
+          // calls' overhead was most of the layer's time at 8x8.
+          for (int64_t k = 0; k < pad * Wq; ++k) dst[k] = 0.f;
+          for (int64_t k = (pad + H) * Wq; k < plane; ++k) dst[k] = 0.f;
           for (int64_t yy = 0; yy < H; ++yy) {
-            float* row = dst + (yy + pad) * Wq;
-            if (pad > 0) {
-              std::memset(row, 0, sizeof(float) * pad);
-              std::memset(row + pad + W, 0, sizeof(float) * (Wq - pad - W));
-            }
-            std::memcpy(row + pad, src + yy * W, sizeof(float) * W);
+            float* __restrict row = dst + (yy + pad) * Wq;
+            const float* __restrict srow = src + yy * W;
+            for (int64_t k = 0; k < pad; ++k) row[k] = 0.f;
+            for (int64_t k = 0; k < W; ++k) row[pad + k] = srow[k];
+            for (int64_t k = pad + W; k < Wq; ++k) row[k] = 0.f;
           }
           continue;
         }
