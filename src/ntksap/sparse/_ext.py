@@ -109,6 +109,8 @@ def extension() -> ModuleType | None:
     be built, or when disabled by `NTKSAP_SPARSE_EXTENSION=0` or `disabled()`."""
     if getattr(_FORCED_OFF, "on", False) or _env_disabled():
         return None
+    if "module" in _STATE:  # fast path: every layer call asks
+        return _STATE["module"]  # type: ignore[return-value]
     with _LOCK:
         if "module" not in _STATE:
             try:

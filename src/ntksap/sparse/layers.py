@@ -40,6 +40,9 @@ from ntksap.sparse import _ext
 __all__ = ["BufferPool", "SparseConv2d", "SparseLinear", "to_csr"]
 
 MODES = ("sparse", "dense")
+# "no tensor" for the kernels' optional arguments; never written to (the kernels allocate
+# instead of writing into an unusable `out`)
+_EMPTY = torch.empty(0)
 
 
 def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -130,6 +133,7 @@ class _SparseBase(nn.Module):
         self.slot: int | None = None
         self.kernel_reason = ""  # why the C++ kernel cannot run this layer ("" if it can)
         self.source_name = ""  # the layer's name in the original model
+        self._out_shapes: dict[torch.Size, torch.Size] = {}
         self._dense_cache: torch.Tensor | None = None
         self.mode = "sparse"
         if dense_weight is not None:
@@ -294,12 +298,14 @@ class SparseConv2d(_SparseBase):
         if mode == "sparse" and not self.kernel_reason:
             ext = _ext.extension()
             if ext is not None:
-                out = torch.empty(0)
+                out = _EMPTY
                 if self.pool is not None and self.slot is not None:
-                    shape = self.output_shape(x.shape)
+                    shape = self._out_shapes.get(x.shape)
+                    if shape is None:
+                        shape = self._out_shapes[x.shape] = self.output_shape(x.shape)
                     out = self.pool.get(self.slot, shape)
                 return ext.sparse_conv2d(
-                    x.contiguous(),
+                    x,
                     self.rowptr,
                     self.col_idx,
                     self.values,
@@ -308,7 +314,7 @@ class SparseConv2d(_SparseBase):
                     self.weight_shape[3],
                     self.stride[0],
                     self.padding[0],  # type: ignore[index]
-                    torch.empty(0) if residual is None else residual.contiguous(),
+                    _EMPTY if residual is None else residual,
                     self.relu,
                     out,
                 )
