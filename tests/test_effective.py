@@ -474,3 +474,29 @@ def test_cli_prune_effective(capsys: pytest.CaptureFixture[str]) -> None:
     assert "NOT within" not in out
     assert main([*argv, "--effective-tolerance", "0.05"]) == 2
     assert "--effective-tolerance needs --effective" in capsys.readouterr().err
+
+
+def test_cli_run_effective_and_sweep_axis(tmp_path: Path) -> None:
+    """`ntksap run --effective` reaches the effective target in its run folder; a sweep
+    takes `effective` as a pruning setting (fixed or as an axis) and plans distinct runs."""
+    from ntksap.experiments.sweep import Sweep, plan
+
+    out = tmp_path / "run"
+    argv = ["run", "--dataset", "digits", "--model", "lenet5", "--method", "random",
+            "--sparsity", "0.97", "--effective", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["effective_density"] == pytest.approx(0.03, rel=0.011)  # 1 % or one weight
+    assert result["sparsity"] < 0.97  # the nominal density had to be raised
+    config = json.loads((out / "config.json").read_text())
+    assert config["prune"]["effective"] is True
+
+    spec = Sweep(
+        base={"dataset": "digits", "model": "lenet5"}, methods=["random"], densities=[0.05],
+        axes={"effective": [False, True]}, train={"epochs": 1},
+    )  # fmt: skip
+    cells = plan(spec, tmp_path / "sweep")
+    assert len(cells) == 2 and len({c.hash for c in cells}) == 2
+    assert [c.request.prune_settings.get("effective", False) for c in cells] == [False, True]

@@ -163,6 +163,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         invert=args.invert,
         shuffle=args.shuffle,
         options=options,
+        effective=args.effective,
         **_common(args),
     )
     return _exit_code(result)
@@ -190,4 +191,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(r, with_shape=False)
     add_training_arguments(r)
     add_pruning_arguments(r)
+    r.add_argument(
+        "--effective",
+        action="store_true",
+        help="the density/sparsity is the effective one (weights on an input-to-output path "
+        "only): the nominal density is searched, one full prune per probe (tolerance 1 %%)",
+    )
     r.set_defaults(func=cmd_run)

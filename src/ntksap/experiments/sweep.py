@@ -77,6 +77,7 @@ RUN_KEYS = (
     "invert",
     "shuffle",
     "reinit",
+    "effective",
 )
 #: Keys of `ntksap.run` that name the setting (fixed for a sweep, never axes).
 BASE_KEYS = ("preset", "model", "dataset", "data_dir")
