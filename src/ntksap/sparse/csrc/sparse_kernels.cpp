@@ -281,7 +281,20 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   float* op = out.data_ptr<float>();
   const int64_t in_img = g.C * g.H * g.W, out_img = O * Ho * Wo;
 
-  if (groups >= 2 * threads) {
+  // Little work (batch 1 on small or very sparse layers: a few microseconds): the calling
+  // thread does it all; waking the pool would cost more than it saves.
+  const bool serial = threads == 1 || N * (nnz + O) * g.Ho * g.Wq < (int64_t{1} << 17);
+  if (serial) {
+    thread_local std::vector<float> buf;
+    if (static_cast<int64_t>(buf.size()) < per_group) buf.resize(per_group);
+    for (int64_t gr = 0; gr < groups; ++gr) {
+      const int64_t gs = group_size(gr), n0 = gr * G;
+      prepare_group(xp + n0 * in_img, gs, buf.data(), g, used, 0, g.C);
+      const int64_t* of = gs == G ? offs_full.data() : offs_last.data();
+      conv_group(buf.data(), gs, g, rp, of, vp, bp, resp ? resp + n0 * out_img : nullptr,
+                 op + n0 * out_img, relu, 0, O);
+    }
+  } else if (groups >= 2 * threads) {
     // Many groups: one task per group, its planes prepared in a per-thread buffer that
     // stays in cache while every output channel reads it.
     at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
