@@ -339,3 +339,18 @@ def test_report_counts_before_and_after() -> None:
     assert report.max_relative_error <= 1e-6 and report.latency_ms_after > 0
     text = str(report)
     assert "parameters" in text and "FLOPs" in text and "latency" in text
+
+
+def test_align_keeps_a_multiple_of_channels_and_the_outputs() -> None:
+    torch.manual_seed(0)
+    net = trained_like(models.create("resnet20"))
+    masks = random_masks(net, density=0.3, dead=0.3)
+    x = torch.randn(2, 3, 8, 8)
+    full = compact(net, masks, torch.zeros(1, 3, 8, 8))
+    aligned = compact(net, masks, torch.zeros(1, 3, 8, 8), align=8)
+    widths = [m.out_channels for m in aligned.modules() if isinstance(m, nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths)
+    assert sum(p.numel() for p in full.parameters()) < sum(p.numel() for p in aligned.parameters())
+    assert relative_error(aligned(x), masked_output(net, masks, x)) <= 1e-5
+    with pytest.raises(ValueError, match="align"):
+        compact(net, masks, x, align=0)

@@ -339,6 +339,7 @@ def _plan(
     inputs: Mapping[int, torch.Tensor],
     weights: Mapping[int, torch.Tensor],
     varying: Mapping[int, list[bool]],
+    align: int = 1,
 ) -> _Plan:
     """Which channels to remove (dead ones, minus those whose constant cannot be folded) and
     the bias each consumer gets. Keyed by id(module): `eff` the effective mask of a layer's
@@ -367,6 +368,18 @@ def _plan(
             dead.discard(0)  # a layer needs at least one channel; this one stays, exactly
         removed.append(dead)
 
+    def realign() -> bool:
+        """Keep a multiple of `align` channels per group (dead ones stay, exactly, as any
+        kept channel); True if a channel was kept."""
+        changed = False
+        for g, dead in zip(groups, removed):
+            keep = g.size - len(dead)
+            extra = min(g.size, -(-keep // align) * align) - keep
+            for r in sorted(dead)[:extra]:
+                dead.discard(r)
+                changed = True
+        return changed
+
     # consumers: id(module) -> (module, [(group index, member)])
     consumers: dict[int, tuple[nn.Module, list[tuple[int, _Member]]]] = {}
     for gi, g in enumerate(groups):
@@ -379,7 +392,8 @@ def _plan(
             if mem.role == "out":
                 producer_of[id(mem.module)] = (gi, mem)
 
-    initially_dead = sum(len(d) for d in removed)
+    realign()
+    kept_constant = 0
     while True:
         changed = False
         folds: dict[int, dict[int, torch.Tensor]] = {}
@@ -413,6 +427,7 @@ def _plan(
                     scale = per_row.abs().max().clamp_min(1e-300)
                     if bool(((hi - lo) > 1e-9 * scale).any()):
                         removed[gi].discard(r)  # position-dependent: keep the channel
+                        kept_constant += 1
                         changed = True
                     else:
                         total = folds.setdefault(gi, {}).setdefault(
@@ -421,7 +436,7 @@ def _plan(
                         total[rows] += per_row.mean(dim=1)
         if not changed:
             break
-    kept_constant = initially_dead - sum(len(d) for d in removed)
+        realign()  # channels kept for their constant may break the alignment
     return _Plan(removed, folds, kept_constant)
 
 
@@ -607,10 +622,14 @@ def compact_with_masks(
     example_input: torch.Tensor | None = None,
     *,
     verify: bool = True,
+    align: int = 1,
 ) -> tuple[nn.Module, Masks, list[str]]:
     """`compact`, also returning the masks of the compacted model (the input masks with the
     removed rows/columns cut away; same names) and notes (groups left whole, channels kept
     for an unfoldable constant)."""
+    from ntksap.validate import positive_int
+
+    positive_int("align", align)
     masks = masks if isinstance(masks, Masks) else Masks(masks)
     masks.check_model(model)
     work = _prepared(model, masks)
@@ -674,7 +693,7 @@ def compact_with_masks(
         diff = (cols(a) - cols(b)).abs().amax(1)
         varying[key] = (diff > 1e-6 * (cols(a).abs().max() + 1e-30)).tolist()
     weights = {key: m.weight.detach().double().cpu() for key, m in consumers.items()}
-    plan = _plan(groups, eff, inputs, weights, varying)
+    plan = _plan(groups, eff, inputs, weights, varying, align)
     if plan.kept_constant:
         notes.append(
             f"{plan.kept_constant} dead channel(s) kept: their constant output reaches a "
@@ -734,6 +753,7 @@ def compact(
     example_input: torch.Tensor | None = None,
     *,
     verify: bool = True,
+    align: int = 1,
 ) -> nn.Module:
     """A smaller dense copy of `model` pruned by `masks`, with the same outputs (eval mode).
 
@@ -750,6 +770,10 @@ def compact(
             used); default: the masks' metadata "input_shape" or the zoo model's default.
         verify: check the compacted model against the masked one on two random batches and
             raise `CompactionError` on a relative difference above 1e-5.
+        align: keep a multiple of `align` channels in every group (some dead ones stay):
+            CPU conv kernels work on blocks of 8 or 16 channels, and onnxruntime runs a conv
+            with, say, 61 channels slower than one with 64 (measured on ResNet-20: 30 %
+            slower after removing 10 % of the channels of four layers). 1: remove all.
 
     Returns:
         The compacted `nn.Module`, in eval mode.
@@ -768,7 +792,7 @@ def compact(
         >>> sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in net.parameters())
         True
     """
-    return compact_with_masks(model, masks, example_input, verify=verify)[0]
+    return compact_with_masks(model, masks, example_input, verify=verify, align=align)[0]
 
 
 # ---------------------------------------------------------------------------------------

@@ -445,6 +445,7 @@ def export(
     overwrite: bool = False,
     opset: int = 17,
     batch_size: int = 1,
+    align: int = 8,
 ) -> ExportResult:
     """Compact `model` pruned by `masks`, write it to `path` in `format`, and check the file.
 
@@ -464,6 +465,10 @@ def export(
         overwrite: replace an existing file (otherwise FileExistsError, before any work).
         opset: ONNX opset (>= 17).
         batch_size: batch of the check (and of the sparse format's autotune).
+        align: keep a multiple of `align` channels per layer when compacting
+            (`ntksap.compact.compact`): onnxruntime's CPU convs are slower on channel
+            counts that are not a multiple of 8 (ResNet-20, NTK-SAP 98.2 %, batch 64: 49 ms
+            with all dead channels removed, 33 ms with align=8, 39 ms uncompacted).
 
     Returns:
         `ExportResult` (print it): sizes before/after, the check, the path.
@@ -500,7 +505,7 @@ def export(
     shape = tuple(x.shape[1:])
     notes: tuple[str, ...] = ()
     if compact:
-        net, out_masks, note_list = compact_with_masks(model, masks, x)
+        net, out_masks, note_list = compact_with_masks(model, masks, x, align=align)
         notes = tuple(note_list)
     else:
         net, out_masks = before, masks
@@ -559,6 +564,7 @@ def export_source(
     overwrite: bool = False,
     opset: int = 17,
     batch_size: int = 1,
+    align: int = 8,
 ) -> ExportResult:
     """`export` of what a mask file or run folder describes (`load_source`); `path`
     defaults to `default_output(source, format)`. Every input is checked before any work."""
@@ -576,4 +582,5 @@ def export_source(
         overwrite=overwrite,
         opset=opset,
         batch_size=batch_size,
+        align=align,
     )

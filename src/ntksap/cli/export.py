@@ -75,6 +75,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=1,
         help="batch of the check (and of the sparse format's per-layer autotune); default 1",
     )
+    p.add_argument(
+        "--align",
+        type=positive_int,
+        default=8,
+        help="keep a multiple of N channels per layer when compacting (CPU conv kernels are "
+        "slower on other counts); 1 removes every dead channel; default 8",
+    )
     p.set_defaults(func=cmd_export)
 
 
@@ -102,6 +109,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             overwrite=args.force,
             opset=args.opset,
             batch_size=args.batch_size,
+            align=args.align,
         )
     except ImportError as exc:  # onnx / onnxruntime missing: the message names the fix
         raise UsageError(str(exc)) from None
