@@ -76,6 +76,49 @@ struct ConvGeometry {
   int64_t C, H, W, O, kh, kw, s, pad, Ho, Wo, Hq, Wq, plane;
 };
 
+// dst[0 : Wq) = [0] * pad + src[0 : W) + [0] * (Wq - pad - W): one padded input row.
+// Rows are 8-34 floats here, so per-row loop and call overhead matters: AVX-512 masked
+// loads/stores do a row in 1-3 instructions pairs (masked-off lanes are never touched, so
+// reading "before" src or writing past dst[Wq) is safe).
+inline void pad_row(float* __restrict dst, const float* __restrict src, int64_t W, int64_t pad,
+                    int64_t Wq) {
+#ifdef __AVX512F__
+  for (int64_t k = 0; k < Wq; k += kVec) {
+    const int64_t lo = std::max<int64_t>(0, pad - k);                    // first valid lane
+    const int64_t hi = std::min<int64_t>(kVec, std::max<int64_t>(0, pad + W - k));  // end
+    const __mmask16 ld = hi > lo ? static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1))
+                                 : static_cast<__mmask16>(0);
+    const __mmask16 st = static_cast<__mmask16>((1u << std::min<int64_t>(kVec, Wq - k)) - 1);
+    _mm512_mask_storeu_ps(dst + k, st, _mm512_maskz_loadu_ps(ld, src + (k - pad)));
+  }
+#else
+  for (int64_t k = 0; k < pad; ++k) dst[k] = 0.f;
+  for (int64_t k = 0; k < W; ++k) dst[pad + k] = src[k];
+  for (int64_t k = pad + W; k < Wq; ++k) dst[k] = 0.f;
+#endif
+}
+
+// d[0 : len) = act(a[0 : len) + bias [+ r[0 : len)]): one output row segment of the epilogue.
+template <bool kRes, bool kRelu>
+inline void epilogue_row(const float* __restrict a, float* __restrict d, const float* __restrict r,
+                         int64_t len, float bias) {
+#ifdef __AVX512F__
+  const __m512 b = _mm512_set1_ps(bias), z = _mm512_setzero_ps();
+  for (int64_t k = 0; k < len; k += kVec) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kVec, len - k)) - 1);
+    __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + k), b);
+    if (kRes) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r + k));
+    if (kRelu) v = _mm512_max_ps(v, z);
+    _mm512_mask_storeu_ps(d + k, m, v);
+  }
+#else
+  for (int64_t k = 0; k < len; ++k) {
+    float v = a[k] + bias + (kRes ? r[k] : 0.f);
+    d[k] = kRelu ? std::max(v, 0.f) : v;
+  }
+#endif
+}
+
 // A group of G images' padded polyphase planes, laid out (C, s*s, G, plane) so that one
 // input channel's planes of all G images are contiguous: a strip then runs across images.
 // dst[((c*s*s + py*s + px) * G + g) * plane + qy*Wq + qx] =
@@ -95,18 +138,11 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
         const float* src = src0 + gi * in_img + c * H * W;
         float* dst = dst_grp + ((c * s * s + ph) * G + gi) * plane;
         if (s == 1) {
-          // Zero only what the copy leaves: top/bottom pad rows (+ extra row), side pads.
-          // Plain loops, not memset/memcpy calls: rows are often 8-32 floats, where the
-          // calls' overhead was most of the layer's time at 8x8.
+          // Zero the top pad rows and everything after the last input row (bottom pad,
+          // the extra row); each input row becomes one padded row [0]*pad + src + [0]*...
           for (int64_t k = 0; k < pad * Wq; ++k) dst[k] = 0.f;
           for (int64_t k = (pad + H) * Wq; k < plane; ++k) dst[k] = 0.f;
-          for (int64_t yy = 0; yy < H; ++yy) {
-            float* __restrict row = dst + (yy + pad) * Wq;
-            const float* __restrict srow = src + yy * W;
-            for (int64_t k = 0; k < pad; ++k) row[k] = 0.f;
-            for (int64_t k = 0; k < W; ++k) row[pad + k] = srow[k];
-            for (int64_t k = pad + W; k < Wq; ++k) row[k] = 0.f;
-          }
+          for (int64_t yy = 0; yy < H; ++yy) pad_row(dst + (yy + pad) * Wq, src + yy * W, W, pad, Wq);
           continue;
         }
         std::memset(dst, 0, sizeof(float) * plane);
@@ -162,9 +198,24 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
   // The strip ends after the last valid output of the last image.
   const int64_t L = (G - 1) * g.plane + Ho * Wq;
   const int64_t Lr = (L + kVec - 1) / kVec * kVec;
+  // Valid output segments of the current chunk: (offset in acc, length, offset in the
+  // group's output for channel 0). Computed once per chunk, used by every output channel
+  // (the divisions here were most of the epilogue's cost on 8x8 maps).
+  struct Seg {
+    int64_t a, len, at;
+  };
+  std::vector<Seg> segs;
+  segs.reserve(16 * kVec / std::max<int64_t>(1, Wq) + 2);
   for (int64_t i0 = 0; i0 < Lr; i0 += 16 * kVec) {
     const int64_t vecs = std::min<int64_t>(16, (Lr - i0) / kVec);
     const int64_t i1 = std::min(i0 + vecs * kVec, L);
+    segs.clear();
+    for (int64_t R = i0 / Wq; R * Wq < i1; ++R) {
+      const int64_t gi = R / rows_per_img, y = R % rows_per_img;
+      if (y >= Ho) continue;
+      const int64_t a = std::max(i0, R * Wq), b = std::min(i1, R * Wq + Wo);
+      if (a < b) segs.push_back({a - i0, b - a, gi * img_out + y * Wo + (a - R * Wq)});
+    }
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int64_t j0 = rp[o], n = rp[o + 1] - j0;
       if (n > 0) {
@@ -172,29 +223,23 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
       } else {
         std::memset(acc, 0, sizeof(float) * vecs * kVec);  // a dead channel: bias only
       }
-      // Epilogue: the chunk's valid outputs (y < Ho, x < Wo) of each wide row it touches.
       const float bo = bias ? bias[o] : 0.f;
-      for (int64_t R = i0 / Wq; R * Wq < i1; ++R) {
-        const int64_t gi = R / rows_per_img, y = R % rows_per_img;
-        if (y >= Ho) continue;
-        const int64_t a = std::max(i0, R * Wq), b = std::min(i1, R * Wq + Wo);
-        if (a >= b) continue;
-        const float* av = acc + (a - i0);
-        const int64_t x0 = a - R * Wq, len = b - a;
-        const int64_t at = gi * img_out + o * HoWo + y * Wo + x0;
-        float* __restrict d = out_grp + at;
-        if (res_grp) {
-          const float* __restrict r = res_grp + at;
-          if (relu)
-            for (int64_t k = 0; k < len; ++k) d[k] = std::max(av[k] + bo + r[k], 0.f);
-          else
-            for (int64_t k = 0; k < len; ++k) d[k] = av[k] + bo + r[k];
-        } else {
-          if (relu)
-            for (int64_t k = 0; k < len; ++k) d[k] = std::max(av[k] + bo, 0.f);
-          else
-            for (int64_t k = 0; k < len; ++k) d[k] = av[k] + bo;
-        }
+      const int64_t oo = o * HoWo;
+      if (res_grp) {
+        if (relu)
+          for (const Seg& q : segs)
+            epilogue_row<true, true>(acc + q.a, out_grp + q.at + oo, res_grp + q.at + oo, q.len, bo);
+        else
+          for (const Seg& q : segs)
+            epilogue_row<true, false>(acc + q.a, out_grp + q.at + oo, res_grp + q.at + oo, q.len,
+                                      bo);
+      } else {
+        if (relu)
+          for (const Seg& q : segs)
+            epilogue_row<false, true>(acc + q.a, out_grp + q.at + oo, nullptr, q.len, bo);
+        else
+          for (const Seg& q : segs)
+            epilogue_row<false, false>(acc + q.a, out_grp + q.at + oo, nullptr, q.len, bo);
       }
     }
   }
