@@ -361,7 +361,9 @@ def save(module: SparseModel, path: str | os.PathLike[str]) -> Path:
         TypeError: `module` is not what `ntksap.sparse.convert` returns.
         ValueError: a part of the model cannot be described safely (see the module doc).
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save as save_bytes
+
+    from ntksap.files import atomic_write
 
     if not isinstance(module, SparseModel):
         raise TypeError(
@@ -381,10 +383,10 @@ def save(module: SparseModel, path: str | os.PathLike[str]) -> Path:
         "autotuned": module.autotuned,
         "untraced": module.source.get("untraced", []),
     }
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(writer.tensors, str(path), metadata={_META_KEY: json.dumps(meta)})
-    return path
+    # serialised in memory, then written atomically: an existing file is never left
+    # half-written (a full disk leaves it unchanged)
+    content = save_bytes(writer.tensors, metadata={_META_KEY: json.dumps(meta)})
+    return atomic_write(Path(path), content)
 
 
 def load(path: str | os.PathLike[str]) -> SparseModel:
