@@ -98,6 +98,26 @@ inline void pad_row(float* __restrict dst, const float* __restrict src, int64_t 
 #endif
 }
 
+// dst[k] = src[2 * k] for k < count: one row of a stride-2 polyphase component (the scalar
+// strided loop was a tenth of the batch-64 time of ResNet-20's two downsampling stages).
+inline void deinterleave_row(float* __restrict dst, const float* __restrict src, int64_t count) {
+#ifdef __AVX512F__
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t k = 0; k < count; k += kVec) {
+    const int64_t n = std::min<int64_t>(kVec, count - k);  // outputs in this step
+    const int64_t m = 2 * n - 1;  // source floats read: src[2k, 2k + m)
+    const __mmask16 lo = static_cast<__mmask16>((1u << std::min<int64_t>(kVec, m)) - 1);
+    const __mmask16 hi = m > kVec ? static_cast<__mmask16>((1u << (m - kVec)) - 1) : 0;
+    const __m512 a = _mm512_maskz_loadu_ps(lo, src + 2 * k);
+    const __m512 b = _mm512_maskz_loadu_ps(hi, src + 2 * k + kVec);
+    _mm512_mask_storeu_ps(dst + k, static_cast<__mmask16>((1u << n) - 1),
+                          _mm512_permutex2var_ps(a, even, b));
+  }
+#else
+  for (int64_t k = 0; k < count; ++k) dst[k] = src[2 * k];
+#endif
+}
+
 // d[0 : len) = act(a[0 : len) + bias [+ r[0 : len)]): one output row segment of the epilogue.
 template <bool kRes, bool kRelu>
 inline void epilogue_row(const float* __restrict a, float* __restrict d, const float* __restrict r,
@@ -154,7 +174,10 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
           if (yy < 0 || yy >= H) continue;
           const float* __restrict srow = src + yy * W + xx0;
           float* __restrict drow = dst + qy * Wq + qx0;
-          for (int64_t k = 0; k < count; ++k) drow[k] = srow[k * s];
+          if (s == 2)
+            deinterleave_row(drow, srow, count);
+          else
+            for (int64_t k = 0; k < count; ++k) drow[k] = srow[k * s];
         }
       }
     }
