@@ -320,6 +320,29 @@ def test_importing_the_library_does_not_load_the_command_line() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+_LAZY_CHECK = """
+import sys
+import ntksap
+heavy = ("ntksap.sparse", "ntksap.compact", "ntksap.export", "onnx", "torch_pruning")
+assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
+assert callable(ntksap.sparse.convert) and callable(ntksap.sparse.save)
+assert callable(ntksap.compact.compact) and callable(ntksap.export.export)
+"""
+
+
+def test_deployment_submodules_load_on_first_use() -> None:
+    """`import ntksap` does not pull in the deployment code (onnx, torch-pruning, C++
+    kernels), yet `ntksap.sparse.convert(...)` works after a plain `import ntksap`."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")]),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", _LAZY_CHECK], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 if __name__ == "__main__":  # python tests/test_import_graph.py: print the cycles
     g, f = import_graph()
     for c in cycles(g):

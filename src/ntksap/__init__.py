@@ -26,6 +26,11 @@ from ntksap.reinit import reinitialize
 from ntksap.scoring import Option, get_method, list_methods, register_method
 from ntksap.targets import prunable_parameters
 
+#: Deployment submodules, imported on first use (`ntksap.sparse.convert(model, masks)`
+#: works after a plain `import ntksap`): they pull in optional dependencies (onnx,
+#: torch-pruning) or compile C++ kernels, which pruning alone does not need.
+_LAZY_SUBMODULES = ("compact", "export", "sparse")
+
 
 def __getattr__(name: str):
     # `ntksap.run` (prune + train into a run folder) is imported on first use: it pulls in
@@ -34,6 +39,10 @@ def __getattr__(name: str):
         from ntksap.runs import run
 
         return run
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"ntksap.{name}")
     raise AttributeError(f"module 'ntksap' has no attribute {name!r}")
 
 
