@@ -437,6 +437,25 @@ def _fresh_user(gm: fx.GraphModule, user: fx.Node) -> bool:
     return False
 
 
+def _is_identity(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """An identity module call (nn.Identity, an empty nn.Sequential: a ResNet's shortcut),
+    which returns its input tensor itself."""
+    mod = _module(gm, node)
+    return isinstance(mod, nn.Identity) or (isinstance(mod, nn.Sequential) and len(mod) == 0)
+
+
+def _readers(gm: fx.GraphModule, node: fx.Node) -> list[fx.Node]:
+    """The nodes that read `node`'s tensor, looking through identity module calls (their
+    output is the same tensor, so it stays alive as long as their users)."""
+    out: list[fx.Node] = []
+    for u in node.users:
+        if u.op == "call_module" and _is_identity(gm, u) and len(u.args) == 1:
+            out.extend(_readers(gm, u))
+        else:
+            out.append(u)
+    return out
+
+
 def _assign_buffers(gm: fx.GraphModule) -> None:
     """Give conv layers whose output dies inside this graph a reusable output buffer slot
     (interval colouring: values alive at the same time never share a slot)."""
@@ -447,15 +466,48 @@ def _assign_buffers(gm: fx.GraphModule) -> None:
         mod = _module(gm, node)
         if not isinstance(mod, SparseConv2d) or not node.users:
             continue
-        if not all(_fresh_user(gm, u) for u in node.users):
+        readers = _readers(gm, node)
+        if not readers or not all(_fresh_user(gm, u) for u in readers):
             continue
-        here, dies = order[node], max(order[u] for u in node.users)
+        here, dies = order[node], max(order[u] for u in readers)
         slot = next((s for s, free in enumerate(slot_free_after) if free < here), None)
         if slot is None:
             slot = len(slot_free_after)
             slot_free_after.append(dies)
         slot_free_after[slot] = dies
         mod.pool, mod.slot = pool, slot
+    _assign_padding(gm)
+
+
+def _assign_padding(gm: fx.GraphModule) -> None:
+    """Chain sparse convs through zero-bordered buffers: a sparse-mode conv with a buffer
+    slot whose conv users (sparse mode, stride 1, reading it as their input) all use the
+    same padding p writes its output into the interior of a buffer with a p-wide zero
+    border (`out_pad`), and those users read it in place (`in_padded`) instead of copying
+    it into padded planes first (that copy was ~20 % of ResNet-20's batch-64 time). Other
+    users see an ordinary strided tensor. Depends on the layers' modes: run again after
+    they change (the autotune)."""
+    convs = {n: m for n in gm.graph.nodes if isinstance(m := _module(gm, n), SparseConv2d)}
+    for mod in convs.values():
+        mod.out_pad, mod.in_padded = -1, False
+
+    def sparse(m: SparseConv2d) -> bool:
+        return m.mode == "sparse" and not m.kernel_reason
+
+    for node, mod in convs.items():
+        if mod.slot is None or not sparse(mod):
+            continue
+        readers = [
+            convs[u]
+            for u in node.users
+            if u in convs and u.args and u.args[0] is node and sparse(convs[u])
+        ]
+        readers = [m for m in readers if tuple(m.stride) == (1, 1)]
+        pads = {m.padding[0] for m in readers}  # type: ignore[index]
+        if len(pads) == 1:
+            mod.out_pad = int(pads.pop())
+            for m in readers:
+                m.in_padded = True
 
 
 # -- autotune -------------------------------------------------------------------------------
@@ -624,6 +676,9 @@ def convert(
             result.autotuned = True
         finally:
             torch.set_num_threads(before)
+        for gm in result.modules():
+            if isinstance(gm, fx.GraphModule):
+                _assign_padding(gm)  # the modes may have changed
     if _ext.available():
         for layer in result.layers().values():
             layer.drop_dense_copy()

@@ -43,6 +43,9 @@ MODES = ("sparse", "dense")
 # "no tensor" for the kernels' optional arguments; never written to (the kernels allocate
 # instead of writing into an unusable `out`)
 _EMPTY = torch.empty(0)
+# readable floats after a padded buffer (>= kSlack in csrc/sparse_kernels.cpp: strips of
+# discarded "wide" outputs read a little past the last plane)
+PAD_SLACK = 256
 
 
 def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -83,13 +86,30 @@ class BufferPool:
     """
 
     def __init__(self) -> None:
-        self._bufs: dict[tuple[int, int], torch.Tensor] = {}
+        self._bufs: dict[tuple[int, int, torch.Size, int], torch.Tensor] = {}
 
-    def get(self, slot: int, shape: torch.Size) -> torch.Tensor:
-        key = (threading.get_ident(), slot)
+    def get(self, slot: int, shape: torch.Size, pad: int = -1) -> torch.Tensor:
+        """A float32 buffer of `shape` (N, C, H, W) for `slot`; with pad >= 0, the interior
+        view [pad : pad + H, pad : pad + W] of a zeroed (N, C, H + 2 pad + 1, W + 2 pad)
+        buffer followed by `PAD_SLACK` floats, whose border nobody writes (the C++ kernel
+        then reads it in place as a consumer's padded input).
+
+        Example:
+            >>> v = BufferPool().get(0, torch.Size((1, 2, 3, 3)), pad=1)
+            >>> v.shape, v.stride()
+            (torch.Size([1, 2, 3, 3]), (40, 20, 5, 1))
+        """
+        key = (threading.get_ident(), slot, shape, pad)
         buf = self._bufs.get(key)
-        if buf is None or buf.shape != shape:
-            buf = torch.empty(shape, dtype=torch.float32)
+        if buf is None:
+            if pad < 0:
+                buf = torch.empty(shape, dtype=torch.float32)
+            else:
+                n, c, h, w = shape
+                full = (n, c, h + 2 * pad + 1, w + 2 * pad)
+                flat = torch.zeros(n * c * full[2] * full[3] + PAD_SLACK, dtype=torch.float32)
+                base = flat[: n * c * full[2] * full[3]].view(full)
+                buf = base[:, :, pad : pad + h, pad : pad + w]
             self._bufs[key] = buf
         return buf
 
@@ -131,6 +151,12 @@ class _SparseBase(nn.Module):
         self.residual = bool(residual)
         self.pool: BufferPool | None = None
         self.slot: int | None = None
+        # Set by the converter for chains of sparse convs (never saved: derived from the
+        # graph): out_pad >= 0 writes the output into the interior of a zero-bordered
+        # buffer (BufferPool.get(pad=...)), in_padded says the input comes that way, so
+        # the kernel reads it in place instead of copying it into padded planes.
+        self.out_pad = -1
+        self.in_padded = False
         self.kernel_reason = ""  # why the C++ kernel cannot run this layer ("" if it can)
         self.source_name = ""  # the layer's name in the original model
         self._out_shapes: dict[torch.Size, torch.Size] = {}
@@ -303,7 +329,7 @@ class SparseConv2d(_SparseBase):
                     shape = self._out_shapes.get(x.shape)
                     if shape is None:
                         shape = self._out_shapes[x.shape] = self.output_shape(x.shape)
-                    out = self.pool.get(self.slot, shape)
+                    out = self.pool.get(self.slot, shape, self.out_pad)
                 return ext.sparse_conv2d(
                     x,
                     self.rowptr,
@@ -317,6 +343,7 @@ class SparseConv2d(_SparseBase):
                     _EMPTY if residual is None else residual,
                     self.relu,
                     out,
+                    self.in_padded,
                 )
         # dense mode, or the pure-torch fallback of sparse mode
         y = F.conv2d(

@@ -74,6 +74,9 @@ namespace {
 
 struct ConvGeometry {
   int64_t C, H, W, O, kh, kw, s, pad, Ho, Wo, Hq, Wq, plane;
+  // element strides (image, channel, row; columns are contiguous) of the input, the output
+  // and the residual: they may be views, e.g. the interior of a padded buffer
+  int64_t xsN, xsC, xsH, osN, osC, osH, rsN, rsC, rsH;
 };
 
 // dst[0 : Wq) = [0] * pad + src[0 : W) + [0] * (Wq - pad - W): one padded input row.
@@ -149,20 +152,19 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
                    const ConvGeometry& g, const std::vector<char>& used, int64_t c_begin,
                    int64_t c_end) {
   const int64_t s = g.s, pad = g.pad, H = g.H, W = g.W, Wq = g.Wq, Hq = g.Hq, plane = g.plane;
-  const int64_t in_img = g.C * H * W;
   for (int64_t c = c_begin; c < c_end; ++c)
     for (int64_t ph = 0; ph < s * s; ++ph) {
       if (!used[ph]) continue;
       const int64_t py = ph / s, px = ph % s;
       for (int64_t gi = 0; gi < G; ++gi) {
-        const float* src = src0 + gi * in_img + c * H * W;
+        const float* src = src0 + gi * g.xsN + c * g.xsC;
         float* dst = dst_grp + ((c * s * s + ph) * G + gi) * plane;
         if (s == 1) {
           // Zero the top pad rows and everything after the last input row (bottom pad,
           // the extra row); each input row becomes one padded row [0]*pad + src + [0]*...
           for (int64_t k = 0; k < pad * Wq; ++k) dst[k] = 0.f;
           for (int64_t k = (pad + H) * Wq; k < plane; ++k) dst[k] = 0.f;
-          for (int64_t yy = 0; yy < H; ++yy) pad_row(dst + (yy + pad) * Wq, src + yy * W, W, pad, Wq);
+          for (int64_t yy = 0; yy < H; ++yy) pad_row(dst + (yy + pad) * Wq, src + yy * g.xsH, W, pad, Wq);
           continue;
         }
         std::memset(dst, 0, sizeof(float) * plane);
@@ -172,7 +174,7 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
         for (int64_t qy = 0; qy < Hq; ++qy) {
           const int64_t yy = s * qy + py - pad;  // phase row qy = input row yy
           if (yy < 0 || yy >= H) continue;
-          const float* __restrict srow = src + yy * W + xx0;
+          const float* __restrict srow = src + yy * g.xsH + xx0;
           float* __restrict drow = dst + qy * Wq + qx0;
           if (s == 2)
             deinterleave_row(drow, srow, count);
@@ -216,8 +218,7 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
                 const float* res_grp, float* out_grp, bool relu, int64_t o_begin,
                 int64_t o_end) {
   alignas(64) float acc[16 * kVec];
-  const int64_t Wq = g.Wq, Wo = g.Wo, Ho = g.Ho, HoWo = Ho * Wo, rows_per_img = g.Hq + 1;
-  const int64_t img_out = g.O * HoWo;
+  const int64_t Wq = g.Wq, Wo = g.Wo, Ho = g.Ho, rows_per_img = g.Hq + 1;
   // The strip ends after the last valid output of the last image.
   const int64_t L = (G - 1) * g.plane + Ho * Wq;
   const int64_t Lr = (L + kVec - 1) / kVec * kVec;
@@ -225,7 +226,7 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
   // group's output for channel 0). Computed once per chunk, used by every output channel
   // (the divisions here were most of the epilogue's cost on 8x8 maps).
   struct Seg {
-    int64_t a, len, at;
+    int64_t a, len, at, rat;  // rat: the same position in the residual
   };
   std::vector<Seg> segs;
   segs.reserve(16 * kVec / std::max<int64_t>(1, Wq) + 2);
@@ -237,7 +238,9 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
       const int64_t gi = R / rows_per_img, y = R % rows_per_img;
       if (y >= Ho) continue;
       const int64_t a = std::max(i0, R * Wq), b = std::min(i1, R * Wq + Wo);
-      if (a < b) segs.push_back({a - i0, b - a, gi * img_out + y * Wo + (a - R * Wq)});
+      const int64_t x0 = a - R * Wq;
+      if (a < b)
+        segs.push_back({a - i0, b - a, gi * g.osN + y * g.osH + x0, gi * g.rsN + y * g.rsH + x0});
     }
     for (int64_t o = o_begin; o < o_end; ++o) {
       const int64_t j0 = rp[o], n = rp[o + 1] - j0;
@@ -247,14 +250,14 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
         std::memset(acc, 0, sizeof(float) * vecs * kVec);  // a dead channel: bias only
       }
       const float bo = bias ? bias[o] : 0.f;
-      const int64_t oo = o * HoWo;
+      const int64_t oo = o * g.osC, ro = o * g.rsC;
       if (res_grp) {
         if (relu)
           for (const Seg& q : segs)
-            epilogue_row<true, true>(acc + q.a, out_grp + q.at + oo, res_grp + q.at + oo, q.len, bo);
+            epilogue_row<true, true>(acc + q.a, out_grp + q.at + oo, res_grp + q.rat + ro, q.len, bo);
         else
           for (const Seg& q : segs)
-            epilogue_row<true, false>(acc + q.a, out_grp + q.at + oo, res_grp + q.at + oo, q.len,
+            epilogue_row<true, false>(acc + q.a, out_grp + q.at + oo, res_grp + q.rat + ro, q.len,
                                       bo);
       } else {
         if (relu)
@@ -270,16 +273,26 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
 
 }  // namespace
 
+// A strided float32 4-d tensor whose last dimension is contiguous, else a contiguous copy.
+torch::Tensor rows_contiguous(const torch::Tensor& t) {
+  return t.stride(3) == 1 && t.stride(2) >= t.size(3) ? t : t.contiguous();
+}
+
 // x: (N, C, H, W) float32; CSR over (O, C*kh*kw) with column c*kh*kw + dy*kw + dx;
 // bias: (O,) or empty; residual: (N, O, Ho, Wo) or empty; out: (N, O, Ho, Wo) buffer or empty;
-// returns act(conv + bias + residual) (in `out` when it fits).
+// returns act(conv + bias + residual) (in `out` when it fits). x, residual and out may be
+// strided views whose rows are contiguous (e.g. the interior of a zero-padded buffer).
+// x_padded: the caller promises that x is the interior [pad : pad + H, pad : pad + W] of a
+// buffer (N, C, H + 2 pad + 1, W + 2 pad) whose border is zero and which is followed by at
+// least kSlack readable floats (what ntksap.sparse's BufferPool.get(pad=...) gives). When x's
+// strides say so too, a stride-1 conv reads that buffer in place: no padded copy.
 torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor col,
                             torch::Tensor val, torch::Tensor bias, int64_t kh, int64_t kw,
                             int64_t stride, int64_t pad, torch::Tensor residual, bool relu,
-                            torch::Tensor out) {
+                            torch::Tensor out, bool x_padded) {
   TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x must be (N, C, H, W) float32");
   TORCH_CHECK(stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1, "bad conv geometry");
-  x = x.contiguous();
+  x = rows_contiguous(x);
   ConvGeometry g;
   const int64_t N = x.size(0);
   g.C = x.size(1), g.H = x.size(2), g.W = x.size(3);
@@ -291,24 +304,45 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   g.Ho = (Hp - kh) / g.s + 1, g.Wo = (Wp - kw) / g.s + 1;
   g.Hq = (Hp + g.s - 1) / g.s, g.Wq = (Wp + g.s - 1) / g.s;  // polyphase plane size
   g.plane = (g.Hq + 1) * g.Wq;  // +1 row: strips of garbage columns may overrun
+  g.xsN = x.stride(0), g.xsC = x.stride(1), g.xsH = x.stride(2);
   const int64_t O = g.O, Ho = g.Ho, Wo = g.Wo, s = g.s;
 
   const bool has_bias = bias.defined() && bias.numel() > 0;
   const bool has_res = residual.defined() && residual.numel() > 0;
   if (has_bias) TORCH_CHECK(bias.numel() == O && bias.dtype() == torch::kFloat32, "bad bias");
   if (has_res) {
-    residual = residual.contiguous();
     TORCH_CHECK(residual.sizes() == torch::IntArrayRef({N, O, Ho, Wo}) &&
                     residual.dtype() == torch::kFloat32,
                 "residual must have the output's shape (N, O, Ho, Wo), float32");
+    residual = rows_contiguous(residual);
   }
   // `out`: a caller's reusable buffer (a fresh multi-MB tensor per call costs ~1 ms of
   // page faults at batch 64 on the machine this was tuned on); allocated when unusable.
-  if (!(out.defined() && out.sizes() == torch::IntArrayRef({N, O, Ho, Wo}) &&
-        out.dtype() == torch::kFloat32 && out.is_contiguous() &&
-        out.data_ptr() != x.data_ptr() && (!has_res || out.data_ptr() != residual.data_ptr())))
+  auto overlaps = [](const torch::Tensor& a, const torch::Tensor& b) {
+    const char* a0 = static_cast<const char*>(a.data_ptr());
+    const char* b0 = static_cast<const char*>(b.data_ptr());
+    const int64_t an = (a.size(0) - 1) * a.stride(0) + (a.size(1) - 1) * a.stride(1) +
+                       (a.size(2) - 1) * a.stride(2) + a.size(3);
+    const int64_t bn = (b.size(0) - 1) * b.stride(0) + (b.size(1) - 1) * b.stride(1) +
+                       (b.size(2) - 1) * b.stride(2) + b.size(3);
+    return a0 < b0 + 4 * bn && b0 < a0 + 4 * an;
+  };
+  if (!(out.defined() && out.dim() == 4 && out.sizes() == torch::IntArrayRef({N, O, Ho, Wo}) &&
+        out.dtype() == torch::kFloat32 && out.stride(3) == 1 && out.stride(2) >= Wo &&
+        out.stride(1) >= Ho * out.stride(2) && out.stride(0) >= O * out.stride(1) &&
+        (N == 0 || O == 0 || (!overlaps(out, x) && (!has_res || !overlaps(out, residual))))))
     out = torch::empty({N, O, Ho, Wo}, x.options());
   if (N == 0 || O == 0) return out;
+  g.osN = out.stride(0), g.osC = out.stride(1), g.osH = out.stride(2);
+  g.rsN = has_res ? residual.stride(0) : 0, g.rsC = has_res ? residual.stride(1) : 0;
+  g.rsH = has_res ? residual.stride(2) : 0;
+
+  // In place: x is the interior of a zero-bordered buffer laid out exactly like one
+  // image's prepared planes (C, plane), so a group is one image and needs no copy. Only
+  // for planes large enough that one image's strip is long (small maps run faster with
+  // several images per strip, which needs the copy).
+  const bool in_place = x_padded && s == 1 && g.xsH == Wp && g.xsC == g.plane &&
+                        g.xsN == g.C * g.plane && g.plane >= 256;
 
   // Images per group: enough that a group's strip is ~1000 floats (small feature maps
   // otherwise spend their time in per-channel loop overhead), and enough groups for the
@@ -316,6 +350,7 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   const int64_t threads = at::get_num_threads();
   int64_t G = std::max<int64_t>(1, 1024 / g.plane);
   G = std::min(G, std::max<int64_t>(1, N / (2 * threads)));
+  if (in_place) G = 1;
   const int64_t groups = (N + G - 1) / G;
   auto group_size = [&](int64_t gr) { return std::min(G, N - gr * G); };
   const int64_t per_group = g.C * s * s * G * g.plane + kSlack;
@@ -347,52 +382,49 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   const float* resp = has_res ? residual.data_ptr<float>() : nullptr;
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
-  const int64_t in_img = g.C * g.H * g.W, out_img = O * Ho * Wo;
+
+  // The prepared planes of group gr: in place, or copied into `buf`.
+  auto planes = [&](int64_t gr, float* buf, int64_t c_begin, int64_t c_end) -> const float* {
+    const int64_t n0 = gr * G;
+    if (in_place) return xp + n0 * g.xsN - (pad * Wp + pad);
+    prepare_group(xp + n0 * g.xsN, group_size(gr), buf, g, used, c_begin, c_end);
+    return buf;
+  };
+  auto compute = [&](int64_t gr, const float* prep, int64_t o_begin, int64_t o_end) {
+    const int64_t gs = group_size(gr), n0 = gr * G;
+    const int64_t* of = gs == G ? offs_full.data() : offs_last.data();
+    conv_group(prep, gs, g, rp, of, vp, bp, resp ? resp + n0 * g.rsN : nullptr,
+               op + n0 * g.osN, relu, o_begin, o_end);
+  };
 
   // Little work (batch 1 on small or very sparse layers: a few microseconds): the calling
   // thread does it all; waking the pool would cost more than it saves.
   const bool serial = threads == 1 || N * (nnz + O) * g.Ho * g.Wq < (int64_t{1} << 17);
   if (serial) {
     thread_local std::vector<float> buf;
-    if (static_cast<int64_t>(buf.size()) < per_group) buf.resize(per_group);
-    for (int64_t gr = 0; gr < groups; ++gr) {
-      const int64_t gs = group_size(gr), n0 = gr * G;
-      prepare_group(xp + n0 * in_img, gs, buf.data(), g, used, 0, g.C);
-      const int64_t* of = gs == G ? offs_full.data() : offs_last.data();
-      conv_group(buf.data(), gs, g, rp, of, vp, bp, resp ? resp + n0 * out_img : nullptr,
-                 op + n0 * out_img, relu, 0, O);
-    }
+    if (!in_place && static_cast<int64_t>(buf.size()) < per_group) buf.resize(per_group);
+    for (int64_t gr = 0; gr < groups; ++gr) compute(gr, planes(gr, buf.data(), 0, g.C), 0, O);
   } else if (groups >= 2 * threads) {
     // Many groups: one task per group, its planes prepared in a per-thread buffer that
     // stays in cache while every output channel reads it.
     at::parallel_for(0, groups, 1, [&](int64_t b, int64_t e) {
       thread_local std::vector<float> buf;
-      if (static_cast<int64_t>(buf.size()) < per_group) buf.resize(per_group);
-      for (int64_t gr = b; gr < e; ++gr) {
-        const int64_t gs = group_size(gr), n0 = gr * G;
-        prepare_group(xp + n0 * in_img, gs, buf.data(), g, used, 0, g.C);
-        const int64_t* of = gs == G ? offs_full.data() : offs_last.data();
-        conv_group(buf.data(), gs, g, rp, of, vp, bp, resp ? resp + n0 * out_img : nullptr,
-                   op + n0 * out_img, relu, 0, O);
-      }
+      if (!in_place && static_cast<int64_t>(buf.size()) < per_group) buf.resize(per_group);
+      for (int64_t gr = b; gr < e; ++gr) compute(gr, planes(gr, buf.data(), 0, g.C), 0, O);
     });
   } else {
     // Few images (batch 1): prepare each group once (channels split), then split the
     // output channels between the threads.
     thread_local std::vector<float> buf;
-    if (static_cast<int64_t>(buf.size()) < groups * per_group) buf.resize(groups * per_group);
-    float* pp = buf.data();
+    if (!in_place && static_cast<int64_t>(buf.size()) < groups * per_group)
+      buf.resize(groups * per_group);
+    float* pp = buf.data();  // not `buf` inside the tasks: thread_local, other threads' own
     for (int64_t gr = 0; gr < groups; ++gr) {
-      const int64_t gs = group_size(gr), n0 = gr * G;
       float* dst = pp + gr * per_group;
-      at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) {
-        prepare_group(xp + n0 * in_img, gs, dst, g, used, b, e);
-      });
-      const int64_t* of = gs == G ? offs_full.data() : offs_last.data();
-      at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) {
-        conv_group(dst, gs, g, rp, of, vp, bp, resp ? resp + n0 * out_img : nullptr,
-                   op + n0 * out_img, relu, b, e);
-      });
+      const float* prep = in_place ? planes(gr, nullptr, 0, 0) : dst;
+      if (!in_place)
+        at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) { planes(gr, dst, b, e); });
+      at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) { compute(gr, prep, b, e); });
     }
   }
   return out;
@@ -458,7 +490,10 @@ bool has_avx512() {
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("sparse_conv2d", &sparse_conv2d, "direct sparse convolution (CSR weights), float32");
+  m.def("sparse_conv2d", &sparse_conv2d, "direct sparse convolution (CSR weights), float32",
+        py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("val"), py::arg("bias"),
+        py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("pad"), py::arg("residual"),
+        py::arg("relu"), py::arg("out"), py::arg("x_padded") = false);
   m.def("sparse_linear", &sparse_linear, "CSR x dense linear, float32");
   m.def("has_avx512", &has_avx512, "compiled with AVX-512 intrinsics");
 }
