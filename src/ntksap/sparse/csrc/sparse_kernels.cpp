@@ -338,11 +338,11 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   g.rsH = has_res ? residual.stride(2) : 0;
 
   // In place: x is the interior of a zero-bordered buffer laid out exactly like one
-  // image's prepared planes (C, plane), so a group is one image and needs no copy. Only
-  // for planes large enough that one image's strip is long (small maps run faster with
-  // several images per strip, which needs the copy).
+  // image's prepared planes (C, plane), so a group is one image and needs no copy. (Even
+  // on 8x8 maps, where several images per strip would cut loop overhead, skipping the
+  // copy measured faster: ResNet-20 layer3 convs 0.16 -> 0.10-0.13 ms at batch 64.)
   const bool in_place = x_padded && s == 1 && g.xsH == Wp && g.xsC == g.plane &&
-                        g.xsN == g.C * g.plane && g.plane >= 256;
+                        g.xsN == g.C * g.plane;
 
   // Images per group: enough that a group's strip is ~1000 floats (small feature maps
   // otherwise spend their time in per-channel loop overhead), and enough groups for the
