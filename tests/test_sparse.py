@@ -83,6 +83,65 @@ def test_sparse_conv_matches_conv2d(backend, case, density):
     torch.testing.assert_close(fused(x, res), (ref + res).relu(), rtol=1e-5, atol=1e-5)
 
 
+def test_buffer_pool_padded_view_hand_worked():
+    from ntksap.sparse.layers import PAD_SLACK, BufferPool
+
+    pool = BufferPool()
+    v = pool.get(0, torch.Size((2, 3, 4, 5)), pad=1)
+    # interior of a (2, 3, 4 + 2 + 1, 5 + 2) buffer: rows of 7, planes of 7 * 7 = 49
+    assert v.shape == (2, 3, 4, 5) and v.stride() == (147, 49, 7, 1)
+    assert v.untyped_storage().nbytes() == 4 * (2 * 147 + PAD_SLACK)
+    v.fill_(1.0)
+    full = torch.as_strided(v, (2, 3, 7, 7), (147, 49, 7, 1), v.storage_offset() - 8)
+    assert full.sum() == v.numel()  # only the interior was written: the border is zero
+    assert pool.get(0, torch.Size((2, 3, 4, 5)), pad=1) is v  # reused
+    assert pool.get(0, torch.Size((2, 3, 4, 5))).is_contiguous()  # pad -1: plain buffer
+
+
+@pytest.mark.parametrize(("k", "pad", "size"), [(3, 1, (3, 4, 9, 7)), (5, 2, (2, 3, 6, 6))])
+def test_conv_chain_through_padded_buffers(backend, k, pad, size):
+    """A conv writing into a zero-bordered buffer (out_pad) and the next reading it in
+    place (in_padded), with a strided residual, equal torch; a contiguous input given to a
+    layer marked in_padded is still read correctly (the kernel checks the strides)."""
+    from ntksap.sparse.layers import BufferPool
+
+    n, c, h, w = size
+    gen = torch.Generator().manual_seed(k)
+    w1, w2 = sparse_weight((c, c, k, k), 0.4, gen), sparse_weight((c, c, k, k), 0.4, gen)
+    b1, b2 = torch.randn(c, generator=gen), torch.randn(c, generator=gen)
+    x, res = torch.randn(size, generator=gen), torch.randn(size, generator=gen)
+    first = SparseConv2d.from_dense(w1, b1, padding=pad, relu=True)
+    second = SparseConv2d.from_dense(w2, b2, padding=pad, relu=True, residual=True)
+    pool = BufferPool()
+    first.pool, first.slot, first.out_pad = pool, 0, pad
+    second.pool, second.slot, second.in_padded = pool, 1, True
+    strided_res = torch.randn(n, c, h + 3, w + 2, generator=gen)[:, :, 1 : h + 1, 1 : w + 1]
+    strided_res.copy_(res)
+    mid_ref = F.conv2d(x, w1, b1, padding=pad).relu()
+    ref = (F.conv2d(mid_ref, w2, b2, padding=pad) + res).relu()
+    for _ in range(2):  # the second call reuses the buffers: borders must still be zero
+        mid = first(x)
+        if backend == "cpp":
+            assert not mid.is_contiguous() and mid.stride(2) == w + 2 * pad
+        torch.testing.assert_close(mid, mid_ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second(mid, strided_res), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second(mid_ref, res), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_convert_chains_resnet_convs_through_padded_buffers():
+    if not sp.extension_available():
+        pytest.skip("C++ kernels not built on this machine")
+    net = randomise_bn(models.create("resnet20"))
+    x = torch.randn(2, 3, 32, 32)
+    fast = check_equal(net, masks_for(net, 0.9), x, autotune=False)
+    layers = {m.source_name: m for m in fast.layers().values()}
+    # block outputs pass through identity shortcuts and still get a padded buffer
+    assert layers["conv1"].out_pad == 1 and layers["layer1.0.conv1"].in_padded
+    assert layers["layer1.0.conv1"].out_pad == 1 and layers["layer1.0.conv2"].in_padded
+    # stride-2 readers copy (polyphase planes): no in-place read
+    assert not layers["layer2.0.conv1"].in_padded and not layers["layer2.0.shortcut.0"].in_padded
+
+
 @pytest.mark.parametrize("n", [1, 3, 17])
 @pytest.mark.parametrize("density", [0.0, 0.05, 1.0])
 def test_sparse_linear_matches_linear(backend, n, density):
