@@ -97,7 +97,7 @@ class BufferPool:
         Example:
             >>> v = BufferPool().get(0, torch.Size((1, 2, 3, 3)), pad=1)
             >>> v.shape, v.stride()
-            (torch.Size([1, 2, 3, 3]), (40, 20, 5, 1))
+            (torch.Size([1, 2, 3, 3]), (60, 30, 5, 1))
         """
         key = (threading.get_ident(), slot, shape, pad)
         buf = self._bufs.get(key)
