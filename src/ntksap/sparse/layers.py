@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import threading
 import warnings
-from typing import Any
+from typing import Any, Self
 
 import torch
 import torch.nn.functional as F
@@ -165,6 +165,25 @@ class _SparseBase(nn.Module):
         if dense_weight is not None:
             self._dense_cache = dense_weight.detach().to(torch.float32).contiguous()
         self.set_mode(mode)
+
+    @classmethod
+    def from_dense(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: Any
+    ) -> Self:
+        """Build from a dense weight, (out, in/groups, kh, kw) for a conv, (out, in) for a
+        Linear; zeros are dropped from CSR. `kwargs`: the other constructor arguments."""
+        rowptr, col, val = to_csr(weight)
+        return cls(tuple(weight.shape), rowptr, col, val, bias, dense_weight=weight, **kwargs)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        self._check(x, residual)
+        return self.compute(self.mode, x, residual)
+
+    def compute(
+        self, mode: str, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The output in `mode` ("sparse" or "dense"), whatever the layer's own mode."""
+        raise NotImplementedError
 
     # -- weights ------------------------------------------------------------------------
     @property
@@ -304,18 +323,6 @@ class SparseConv2d(_SparseBase):
         self.stride, self.padding, self.dilation, self.groups = stride_, padding_, dilation_, groups
         self.kernel_reason = reason
 
-    @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: Any
-    ) -> SparseConv2d:
-        """Build from a dense (out, in/groups, kh, kw) weight; zeros are dropped from CSR."""
-        rowptr, col, val = to_csr(weight)
-        return cls(tuple(weight.shape), rowptr, col, val, bias, dense_weight=weight, **kwargs)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x, residual)
-        return self.compute(self.mode, x, residual)
-
     def compute(
         self, mode: str, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -383,18 +390,6 @@ class SparseConv2d(_SparseBase):
 
 class SparseLinear(_SparseBase):
     """`act(x @ W.T + bias)` with W (out, in) stored as CSR; x may have extra leading dims."""
-
-    @classmethod
-    def from_dense(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None = None, **kwargs: Any
-    ) -> SparseLinear:
-        """Build from a dense (out, in) weight; zeros are dropped from CSR."""
-        rowptr, col, val = to_csr(weight)
-        return cls(tuple(weight.shape), rowptr, col, val, bias, dense_weight=weight, **kwargs)
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        self._check(x, residual)
-        return self.compute(self.mode, x, residual)
 
     def compute(
         self, mode: str, x: torch.Tensor, residual: torch.Tensor | None = None
