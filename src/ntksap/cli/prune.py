@@ -24,6 +24,7 @@ from ntksap.cli.common import (
     check_mask_suffix,
     check_new_file,
     device,
+    finite_float,
     fmt_shape,
     model_shape,
     progress,
@@ -88,10 +89,7 @@ def _tolerance(text: str) -> float:
     >>> _tolerance("0.02")
     0.02
     """
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    value = finite_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
     return value
