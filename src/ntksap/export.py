@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ntksap.files import atomic_write, read_json
+from ntksap.files import atomic_write, check_new_file, read_json
 from ntksap.masks import MaskError, Masks
 
 __all__ = [
@@ -308,14 +308,9 @@ def check_output(path: str | os.PathLike[str], format: str, overwrite: bool = Fa
         raise ValueError(
             f"output {path}: the {format} format is written to a {FORMATS[format]} file"
         )
-    if path.is_dir():
-        raise ValueError(f"output {path} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise FileExistsError(
-            f"output {path} already exists; replace it with --force (overwrite=True in "
-            "Python), or choose another name (nothing was changed)"
-        )
-    return path
+    return check_new_file(
+        path, overwrite, "output", "replace it with --force (overwrite=True in Python)"
+    )
 
 
 def _need(module: str) -> Any:

@@ -41,6 +41,32 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp{os.getpid()}")
 
 
+def check_new_file(
+    path: str | os.PathLike[str], overwrite: bool, label: str, how_to_replace: str
+) -> Path:
+    """Raise before any work unless a file may be written at `path`: not a folder, and not
+    an existing file unless `overwrite`. `label` names the path in the message ("--out",
+    "output"), `how_to_replace` says how to allow replacing it.
+
+    Example:
+        >>> str(check_new_file("no/such/m.onnx", False, "output", "pass --force"))
+        'no/such/m.onnx'
+
+    Raises:
+        ValueError: `path` is a folder.
+        FileExistsError: `path` exists and not `overwrite`.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{label} {path} is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise FileExistsError(
+            f"{label} {path} already exists; {how_to_replace}, or choose another name "
+            "(nothing was changed)"
+        )
+    return path
+
+
 def atomic_write(path: str | os.PathLike[str], content: bytes | str) -> Path:
     """Write `content` to a temporary file, flush it to the disk, then move it to `path`.
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ntksap import files
 from ntksap import validate as v
 from ntksap.masks import SAFETENSORS_SUFFIXES, TORCH_SUFFIXES, Masks
 from ntksap.models import list_models
@@ -140,13 +141,10 @@ def check_new_file(path: Path | None, overwrite: bool, flag: str = "--out") -> N
     """Refuse to replace an existing file unless --overwrite (checked before any work)."""
     if path is None:
         return
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a folder; give a file name")
-    if path.exists() and not overwrite:
-        raise UsageError(
-            f"{flag} {path} already exists; pass --overwrite to replace it, or choose another "
-            "name (nothing was changed)"
-        )
+    try:
+        files.check_new_file(path, overwrite, flag, "pass --overwrite to replace it")
+    except (ValueError, FileExistsError) as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_mask_suffix(path: Path | None) -> None:
