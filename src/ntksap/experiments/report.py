@@ -53,7 +53,7 @@ import json
 import math
 import os
 import statistics
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,6 +581,17 @@ def _md_effective(cell: Cell | None) -> str:
     return "n/a" if e is None else f"{100 * e:.2f}"
 
 
+def _md_grid(table: Table, rows: Sequence[Row], show: Callable[[Cell | None], str]) -> list[str]:
+    """A markdown table: a header of the table's sparsities, then one line per row with
+    `show` of its cell at each sparsity."""
+    lines = ["| variant | " + " | ".join(pct(s) for s in table.sparsities) + " |"]
+    lines.append("|---|" + "---:|" * len(table.sparsities))
+    for row in rows:
+        shown = [show(row.cells.get(s)) for s in table.sparsities]
+        lines.append(f"| {_md_escape(row.variant)} | " + " | ".join(shown) + " |")
+    return lines
+
+
 def _describe(records_of: Sequence[Row]) -> tuple[int, int]:
     runs = [r for row in records_of for r in row.records()]
     return len(runs), sum(1 for r in runs if r.top1 is not None)
@@ -607,11 +618,7 @@ def to_markdown(table: Table) -> str:
             + "."
         )
     lines += ["", "## Final top-1 (%) by sparsity", ""]
-    lines.append("| variant | " + " | ".join(pct(s) for s in table.sparsities) + " |")
-    lines.append("|---|" + "---:|" * len(table.sparsities))
-    for row in table.rows:
-        cells = [_md_cell(row.cells.get(s)) for s in table.sparsities]
-        lines.append(f"| {_md_escape(row.variant)} | " + " | ".join(cells) + " |")
+    lines += _md_grid(table, table.rows, _md_cell)
     lines += ["", LEGEND]
     if table.paper:
         lines.append("")
@@ -627,11 +634,7 @@ def to_markdown(table: Table) -> str:
             lines.append(f"- {note}")
     if table.run_rows and table.sparsities:
         lines += ["", "## Effective sparsity (%) by sparsity", ""]
-        lines.append("| variant | " + " | ".join(pct(s) for s in table.sparsities) + " |")
-        lines.append("|---|" + "---:|" * len(table.sparsities))
-        for row in table.run_rows:
-            shown = [_md_effective(row.cells.get(s)) for s in table.sparsities]
-            lines.append(f"| {_md_escape(row.variant)} | " + " | ".join(shown) + " |")
+        lines += _md_grid(table, table.run_rows, _md_effective)
         lines += [
             "",
             "Effective sparsity: 1 - the fraction of prunable weights on at least one "
