@@ -63,3 +63,16 @@ def convnet() -> nn.Module:
 @pytest.fixture
 def batches():
     return class_balanced_batch()
+
+
+def run_cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """(exit code, stdout, stderr) of `ntksap ARGV` (items made str); argparse's SystemExit
+    becomes its code."""
+    from ntksap.cli import main
+
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err

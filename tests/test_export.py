@@ -10,23 +10,14 @@ import torch
 from torch import nn
 
 import ntksap
+from conftest import run_cli
 from ntksap import models
 from ntksap.attach import apply_masks
-from ntksap.cli import main
 from ntksap.export import ExportCheckError, export, load_source
 from ntksap.masks import Masks
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-
-
-def cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def run_onnx(path: Path, x: torch.Tensor) -> torch.Tensor:
@@ -214,13 +205,15 @@ MLP_PRUNE = ["prune", "--model", "mlp", "--input-shape", "1,8,8", "--method", "m
 @pytest.fixture
 def mask_file(tmp_path, capsys) -> Path:
     path = tmp_path / "mlp.safetensors"
-    code, _, err = cli([*MLP_PRUNE, "--sparsity", "0.95", "--out", path, "--no-progress"], capsys)
+    code, _, err = run_cli(
+        [*MLP_PRUNE, "--sparsity", "0.95", "--out", path, "--no-progress"], capsys
+    )
     assert code == 0, err
     return path
 
 
 def test_cli_exports_a_mask_file(mask_file, capsys) -> None:
-    code, out, err = cli(["export", mask_file], capsys)
+    code, out, err = run_cli(["export", mask_file], capsys)
     assert code == 0, err
     onnx_path = mask_file.with_suffix(".onnx")
     assert f"wrote {onnx_path}" in out and "params" in out and "FLOPs" in out
@@ -230,10 +223,10 @@ def test_cli_exports_a_mask_file(mask_file, capsys) -> None:
     assert_close(run_onnx(onnx_path, x), masked(src.model, src.masks, x))
     # again: refused, file untouched; --force replaces it
     before = onnx_path.read_bytes()
-    code, _, err = cli(["export", mask_file], capsys)
+    code, _, err = run_cli(["export", mask_file], capsys)
     assert code == 2 and "already exists" in err and "--force" in err
     assert onnx_path.read_bytes() == before
-    code, _, err = cli(["export", mask_file, "--force"], capsys)
+    code, _, err = run_cli(["export", mask_file, "--force"], capsys)
     assert code == 0, err
 
 
@@ -241,9 +234,9 @@ def test_cli_exports_a_run_folder_with_its_trained_weights(tmp_path, capsys) -> 
     run = tmp_path / "run"
     argv = ["run", "--dataset", "digits", "--model", "mlp", "--epochs", "1", "--no-progress",
             "--method", "magnitude", "--sparsity", "0.9", "--out", run]  # fmt: skip
-    code, _, err = cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 0, err
-    code, out, err = cli(["export", run, "--out", tmp_path / "trained.onnx"], capsys)
+    code, out, err = run_cli(["export", run, "--out", tmp_path / "trained.onnx"], capsys)
     assert code == 0, err
     assert "trained weights of checkpoint.pt (epoch 1)" in out
     src = load_source(run)
@@ -262,16 +255,16 @@ def test_cli_bad_input_is_refused_before_any_work(mask_file, tmp_path, capsys) -
         (["export", tmp_path], "not an ntksap run folder"),
     ]
     for argv, message in cases:
-        code, _, err = cli(argv, capsys)
+        code, _, err = run_cli(argv, capsys)
         assert code == 2 and message in err, (argv, err)
-    code, _, err = cli(["export", mask_file, "--format", "tflite"], capsys)
+    code, _, err = run_cli(["export", mask_file, "--format", "tflite"], capsys)
     assert code == 2 and "invalid choice: 'tflite'" in err
     assert not list(tmp_path.glob("*.onnx")) and not list(tmp_path.glob("*.txt"))
 
 
 def test_cli_sparse_format(mask_file, capsys) -> None:
     sparse = pytest.importorskip("ntksap.sparse")
-    code, out, err = cli(["export", mask_file, "--format", "sparse"], capsys)
+    code, out, err = run_cli(["export", mask_file, "--format", "sparse"], capsys)
     assert code == 0, err
     path = mask_file.with_name("mlp.sparse.safetensors")
     assert f"wrote {path}" in out

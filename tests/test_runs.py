@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import ntksap
+from conftest import run_cli
 from ntksap import runs
-from ntksap.cli import main
 from ntksap.files import DiskFullError, atomic_write, temporary_path, write_json
 from ntksap.masks import MaskError, Masks
 from ntksap.models import create
@@ -27,15 +27,6 @@ from ntksap.training.config import TrainConfig
 # One fast setting on the embedded digits (8x8, 1797 images): about a second per run.
 FAST = ["--dataset", "digits", "--model", "lenet5", "--epochs", "2", "--no-progress"]
 PRUNE = ["--method", "magnitude", "--sparsity", "0.5"]
-
-
-def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def files(folder: Path) -> dict[str, bytes]:
@@ -48,7 +39,7 @@ def files(folder: Path) -> dict[str, bytes]:
 
 def run_folder(tmp_path: Path, capsys, *extra: str, name: str = "r") -> Path:
     out = tmp_path / name
-    code, _, err = cli(["run", *FAST, *PRUNE, "--out", out, *extra], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, "--out", out, *extra], capsys)
     assert code == 0, err
     return out
 
@@ -58,7 +49,7 @@ def test_a_claimed_folder_is_refused_at_once_and_left_untouched(tmp_path, capsys
     out = tmp_path / "r"
     with runs.claim(out):
         started = time.perf_counter()
-        code, _, err = cli(["run", *FAST, *PRUNE, "--out", out], capsys)
+        code, _, err = run_cli(["run", *FAST, *PRUNE, "--out", out], capsys)
         assert code == 2 and "in use by another ntksap process" in err
         assert time.perf_counter() - started < 5  # at once: no data loading, no pruning
         assert files(out) == {}
@@ -93,12 +84,12 @@ def test_resume_after_a_failure_during_pruning(tmp_path, capsys, monkeypatch) ->
         raise RuntimeError("killed during pruning")
 
     monkeypatch.setattr(runs, "prune", broken)
-    code, _, err = cli(["run", *FAST, *PRUNE, "--out", out], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, "--out", out], capsys)
     assert code == 1 and "killed during pruning" in err
     assert (out / "config.json").exists() and not (out / "mask.safetensors").exists()
     assert runs.status(out) == "failed"
     monkeypatch.undo()
-    code, _, err = cli(["run", *FAST, *PRUNE, "--out", out, "--resume"], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, "--out", out, "--resume"], capsys)
     assert code == 0, err
     assert json.loads((out / "result.json").read_text())["status"] == "finished"
 
@@ -116,12 +107,12 @@ def test_resume_before_the_first_checkpoint_reuses_the_saved_mask(tmp_path, caps
         raise KeyboardInterrupt
 
     monkeypatch.setattr(r, "fit", killed_in_epoch_one)
-    code, _, _ = cli(["run", *FAST, *PRUNE, "--out", out], capsys)
+    code, _, _ = run_cli(["run", *FAST, *PRUNE, "--out", out], capsys)
     assert code == 130
     saved = (out / "mask.safetensors").read_bytes()
     monkeypatch.setattr(r, "fit", real_fit)
     monkeypatch.setattr(r, "prune", lambda *a, **k: pytest.fail("pruned again"))
-    code, text, err = cli(["run", *FAST, *PRUNE, "--out", out, "--resume"], capsys)
+    code, text, err = run_cli(["run", *FAST, *PRUNE, "--out", out, "--resume"], capsys)
     assert code == 0, err
     assert "re-using the saved mask" in text
     assert (out / "mask.safetensors").read_bytes() == saved
@@ -141,10 +132,10 @@ def test_prune_out_refuses_to_overwrite(tmp_path, capsys) -> None:
     path = tmp_path / "m.safetensors"
     path.write_bytes(b"a finished run's mask")
     argv = ["prune", "--model", "lenet5", *PRUNE, "--out", path]
-    code, _, err = cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and "already exists; pass --overwrite" in err
     assert path.read_bytes() == b"a finished run's mask"
-    code, _, err = cli([*argv, "--overwrite"], capsys)
+    code, _, err = run_cli([*argv, "--overwrite"], capsys)
     assert code == 0, err
     assert len(Masks.load(path)) == 5
 
@@ -154,7 +145,7 @@ def test_resume_leaves_a_finished_run_untouched(tmp_path, capsys) -> None:
     before = files(out)
     stale = temporary_path(out / "checkpoint.pt")  # a killed atomic write's leftover
     stale.write_bytes(b"partial")
-    code, text, err = cli(["run", *FAST, *PRUNE, "--out", out, "--resume"], capsys)
+    code, text, err = run_cli(["run", *FAST, *PRUNE, "--out", out, "--resume"], capsys)
     assert code == 0, err
     assert "already finished" in text
     assert files(out) == before  # result.json (prune_seconds ...) unchanged, leftover gone
@@ -164,7 +155,7 @@ def test_resume_leaves_a_finished_run_untouched(tmp_path, capsys) -> None:
 def test_rerun_without_resume_changes_nothing(tmp_path, capsys) -> None:
     out = run_folder(tmp_path, capsys)
     before = files(out)
-    code, _, err = cli(["run", *FAST, *PRUNE, "--out", out], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, "--out", out], capsys)
     assert code == 2 and "pass --resume" in err
     assert files(out) == before
 
@@ -177,14 +168,14 @@ def test_masks_must_cover_the_models_prunable_set(tmp_path, capsys) -> None:
     path = tmp_path / "r20.safetensors"
     r20.save(path)
     argv = ["train", "--dataset", "synthetic", "--model", "resnet32", "--mask", path]
-    code, _, err = cli([*argv, "--epochs", "1", "--out", tmp_path / "t"], capsys)
+    code, _, err = run_cli([*argv, "--epochs", "1", "--out", tmp_path / "t"], capsys)
     assert code == 2 and "made for model 'resnet20'" in err
     assert not (tmp_path / "t").exists()
 
 
 def test_library_masks_carry_the_cli_metadata(tmp_path, capsys) -> None:
     path = tmp_path / "m.safetensors"
-    code, _, err = cli(["prune", "--model", "lenet5", *PRUNE, "--out", path], capsys)
+    code, _, err = run_cli(["prune", "--model", "lenet5", *PRUNE, "--out", path], capsys)
     assert code == 0, err
     from_cli = Masks.load(path).metadata
     from_lib = ntksap.prune(create("lenet5", in_channels=1), "magnitude", sparsity=0.5).metadata
@@ -208,7 +199,7 @@ def test_partial_masks_report_the_real_density(tmp_path) -> None:
     [("--lr", "nan"), ("--lr", "inf"), ("--weight-decay", "inf"), ("--momentum", "nan")],
 )
 def test_non_finite_hyper_parameters_are_refused(flag, value, tmp_path, capsys) -> None:
-    code, _, err = cli(["run", *FAST, *PRUNE, flag, value, "--out", tmp_path / "r"], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, flag, value, "--out", tmp_path / "r"], capsys)
     assert code == 2 and "finite" in err
     assert not (tmp_path / "r").exists()
     with pytest.raises(ValueError, match="finite"):
@@ -220,13 +211,13 @@ def test_non_finite_hyper_parameters_are_refused(flag, value, tmp_path, capsys) 
 
 def test_a_diverged_run_stops_with_its_status(tmp_path, capsys) -> None:
     out = tmp_path / "r"
-    code, _, err = cli(["run", *FAST, *PRUNE, "--lr", "1e12", "--out", out], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, "--lr", "1e12", "--out", out], capsys)
     assert code == 3, err
     assert "diverged" in err
     result = json.loads((out / "result.json").read_text())  # valid JSON: no NaN in it
     assert result["status"] == "diverged" and result["diverged_epoch"] == 1
     assert runs.status(out) == "diverged"
-    code, _, _ = cli(["run", *FAST, *PRUNE, "--lr", "1e12", "--out", out, "--resume"], capsys)
+    code, _, _ = run_cli(["run", *FAST, *PRUNE, "--lr", "1e12", "--out", out, "--resume"], capsys)
     assert code == 3  # final: reported, not retrained
 
 
@@ -236,11 +227,11 @@ def test_collapse_is_printed_and_recorded(tmp_path, capsys) -> None:
     zero = Masks({k: torch.zeros_like(m) for k, m in masks.items()}, masks.metadata)
     path = tmp_path / "zero.safetensors"
     zero.save(path)
-    _, _, err = cli(["train", *FAST, "--mask", path, "--out", tmp_path / "t"], capsys)
+    _, _, err = run_cli(["train", *FAST, "--mask", path, "--out", tmp_path / "t"], capsys)
     assert "warning: the mask keeps no weight at all" in err
     result = json.loads((tmp_path / "t" / "result.json").read_text())
     assert set(result["collapsed"]) == set(masks)
-    _, _, err = cli(["run", *FAST, "--method", "synflow", "--sparsity", "0.9999",
+    _, _, err = run_cli(["run", *FAST, "--method", "synflow", "--sparsity", "0.9999",
                         "--rounds", "1", "--out", tmp_path / "c"], capsys)  # fmt: skip
     assert "layer collapse" in err
     assert json.loads((tmp_path / "c" / "result.json").read_text())["collapsed"]
@@ -267,12 +258,12 @@ def test_output_units_without_weights_are_counted_and_warned(tmp_path, capsys) -
     assert collapsed.dead_head_warning() is None and collapsed.collapsed() == ["fc3.weight"]
     path = tmp_path / "m.safetensors"
     edited.save(path)
-    _, _, err = cli(["train", *FAST, "--mask", path, "--out", tmp_path / "t"], capsys)
+    _, _, err = run_cli(["train", *FAST, "--mask", path, "--out", tmp_path / "t"], capsys)
     assert "3 of 10 outputs of fc3.weight (the last pruned layer) keep no weight" in err
     result = json.loads((tmp_path / "t" / "result.json").read_text())
     assert result["dead_outputs"] == {"features.3.weight": 1, "fc3.weight": 3}
     masks.save(tmp_path / "ok.safetensors")
-    _, _, err = cli(["train", *FAST, "--mask", tmp_path / "ok.safetensors", "--out",
+    _, _, err = run_cli(["train", *FAST, "--mask", tmp_path / "ok.safetensors", "--out",
                      tmp_path / "v"], capsys)  # fmt: skip
     assert "keep no weight" not in err
     assert json.loads((tmp_path / "v" / "result.json").read_text())["dead_outputs"] == {}
@@ -281,7 +272,7 @@ def test_output_units_without_weights_are_counted_and_warned(tmp_path, capsys) -
 # --- 3. clear errors ------------------------------------------------------------------------
 def test_registered_models_know_their_input_shape(tmp_path, capsys) -> None:
     argv = ["prune", "--model", "resnet20", "--method", "ntksap", "--sparsity", "0.98"]
-    code, out, err = cli([*argv, "--rounds", "1", "--resamples", "1", "--num-samples", "10"],
+    code, out, err = run_cli([*argv, "--rounds", "1", "--resamples", "1", "--num-samples", "10"],
                          capsys)  # fmt: skip
     assert code == 0, err
     assert "10 classes, input 3x32x32" in out
@@ -289,14 +280,16 @@ def test_registered_models_know_their_input_shape(tmp_path, capsys) -> None:
 
 def test_input_shape_that_does_not_fit_the_model(capsys) -> None:
     argv = ["prune", "--model", "lenet5", *PRUNE, "--input-shape", "1,28"]
-    code, _, err = cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     assert code == 2 and "(1, 28)" in err and "expects" in err
 
 
 def test_cuda_on_a_machine_without_it(tmp_path, capsys) -> None:
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    code, _, err = cli(["run", *FAST, *PRUNE, "--device", "cuda", "--out", tmp_path / "r"], capsys)
+    code, _, err = run_cli(
+        ["run", *FAST, *PRUNE, "--device", "cuda", "--out", tmp_path / "r"], capsys
+    )
     assert code == 2 and "CUDA is not available" in err
     assert not (tmp_path / "r").exists()
 
@@ -306,7 +299,7 @@ def test_unwritable_out_is_found_before_any_work(tmp_path, capsys, monkeypatch) 
     blocker.write_text("x")
     monkeypatch.setattr(runs, "prune", lambda *a, **k: pytest.fail("pruned before the check"))
     monkeypatch.setattr(runs.data, "create", lambda *a, **k: pytest.fail("loaded data first"))
-    code, _, err = cli(["run", *FAST, *PRUNE, "--out", blocker / "r"], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, "--out", blocker / "r"], capsys)
     assert code == 2 and str(blocker) in err
 
 
@@ -339,7 +332,9 @@ def test_resume_survives_a_torn_metrics_line(tmp_path, capsys) -> None:
     (out / "result.json").unlink()  # as if killed after the checkpoint of epoch 1
     with (out / "metrics.jsonl").open("a") as f:
         f.write('{"epoch": 2, "train_lo')
-    code, _, err = cli(["run", *FAST, *PRUNE, "--epochs", "1", "--out", out, "--resume"], capsys)
+    code, _, err = run_cli(
+        ["run", *FAST, *PRUNE, "--epochs", "1", "--out", out, "--resume"], capsys
+    )
     assert code == 0, err
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == [1]
@@ -365,7 +360,7 @@ def test_mask_metadata_of_the_wrong_type(metadata, match, tmp_path) -> None:
 def test_resume_with_changed_settings_names_each(tmp_path, capsys) -> None:
     out = run_folder(tmp_path, capsys)
     before = files(out)
-    code, _, err = cli(["run", *FAST, "--method", "magnitude", "--sparsity", "0.6", "--lr",
+    code, _, err = run_cli(["run", *FAST, "--method", "magnitude", "--sparsity", "0.6", "--lr",
                         "0.01", "--out", out, "--resume"], capsys)  # fmt: skip
     assert code == 2
     assert "prune.density: 0.5 -> 0.4" in err and "train.lr: 0.05 -> 0.01" in err
@@ -374,7 +369,7 @@ def test_resume_with_changed_settings_names_each(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("value", ["-1", str(2**32), "1e3"])
 def test_seed_out_of_range(value, tmp_path, capsys) -> None:
-    code, _, err = cli(["run", *FAST, *PRUNE, "--seed", value, "--out", tmp_path / "r"], capsys)
+    code, _, err = run_cli(["run", *FAST, *PRUNE, "--seed", value, "--out", tmp_path / "r"], capsys)
     assert code == 2 and "seed" in err
     with pytest.raises(ValueError, match="seed"):
         ntksap.run(tmp_path / "r", dataset="digits", method="random", density=0.5, seed=-1)
