@@ -241,7 +241,7 @@ def test_residual_stream_channel_stays_while_one_block_uses_it() -> None:
 # Any model, through Torch-Pruning's dependency graph
 # ---------------------------------------------------------------------------------------
 class Branchy(nn.Module):
-    """Residual addition, a concatenation and a flatten into a Linear: not a zoo model."""
+    """Residual addition, a 1x1 conv after it and a flatten into a Linear: not a zoo model."""
 
     def __init__(self) -> None:
         super().__init__()
