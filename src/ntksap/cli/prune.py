@@ -188,5 +188,6 @@ def _effective_kwargs(args: argparse.Namespace) -> dict[str, object]:
         if args.effective_tolerance is not None:
             raise UsageError("--effective-tolerance needs --effective")
         return {}
-    tolerance = 0.01 if args.effective_tolerance is None else args.effective_tolerance
-    return {"effective": True, "effective_tolerance": tolerance}
+    if args.effective_tolerance is None:
+        return {"effective": True}  # ntksap.prune's default tolerance
+    return {"effective": True, "effective_tolerance": args.effective_tolerance}
