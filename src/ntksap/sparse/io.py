@@ -397,19 +397,22 @@ def load(path: str | os.PathLike[str]) -> SparseModel:
         ValueError: not an ntksap.sparse file, or one naming something not allowed.
     """
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no ntksap.sparse file at {path}")
-    with safe_open(str(path), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:  # one open: metadata, then tensors
         raw = (f.metadata() or {}).get(_META_KEY)
-    if raw is None:
-        raise ValueError(f"{path} is not an ntksap.sparse file (no {_META_KEY!r} metadata)")
-    meta = json.loads(raw)
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT}")
-    reader = _Reader(load_file(str(path)))
+        if raw is None:
+            raise ValueError(f"{path} is not an ntksap.sparse file (no {_META_KEY!r} metadata)")
+        meta = json.loads(raw)
+        if meta.get("format") != FORMAT:
+            raise ValueError(
+                f"{path}: unsupported format {meta.get('format')!r}, expected {FORMAT}"
+            )
+        # safe_open handles are not iterable: .keys() is needed
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118
+    reader = _Reader(tensors)
     spec = meta["structure"]
     existing = None
     zoo = meta.get("zoo_model")
