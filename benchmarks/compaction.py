@@ -56,15 +56,6 @@ def synflow_masks(name: str) -> ntksap.Masks:
     return masks
 
 
-def masked_copy(model: torch.nn.Module, masks: ntksap.Masks) -> torch.nn.Module:
-    work = copy.deepcopy(model).eval()
-    params = dict(work.named_parameters())
-    with torch.no_grad():
-        for n, m in masks.items():
-            params[n].mul_(m.to(params[n].dtype))
-    return work
-
-
 def blocks(fns: dict[str, Callable[[], Any]], n: int, rounds: int = 3) -> dict[str, float]:
     """Median ms per call of each function: `rounds` rounds, each calling every function
     n times in a block (blocks, not call-by-call alternation: one onnxruntime session's
@@ -90,7 +81,8 @@ def measure(name: str, method: str, masks: ntksap.Masks) -> dict[str, Any]:
     align1, _, notes = compact_with_masks(model, masks, align=1)
     seconds = time.perf_counter() - t
     align8, _, _ = compact_with_masks(model, masks, align=8)
-    variants = {"masked": masked_copy(model, masks), "align 1": align1, "align 8": align8}
+    masked = ntksap.remove_masks(ntksap.apply_masks(copy.deepcopy(model), masks)).eval()
+    variants = {"masked": masked, "align 1": align1, "align 8": align8}
     x1 = torch.randn(1, *shape)
     row: dict[str, Any] = {
         "model": name,
