@@ -23,8 +23,16 @@ What happens, in order:
    (`threads`): convert once per deployment batch size (batch 1 and batch 64 differ: at
    batch 1 the kernels are latency-bound, at batch 64 throughput-bound).
 
+5. Chains: every run of kernel-eligible masked convs (with the identity shortcuts between
+   them) that has one input and one output used elsewhere, e.g. ResNet-20's whole
+   convolutional trunk or a VGG block between two poolings, becomes one `SparseChain`: the
+   C++ executor runs it in one call, 16 images at a time in a batch-interleaved layout
+   (aligned AVX-512 strips, epilogue in registers) and any left-over images one by one,
+   each group depth-first through the chain in one thread. The autotune times the chain
+   against its layers one by one and keeps the faster (`module.summary()` shows both).
+
 Without the C++ kernels (no compiler), sparse mode runs a pure-torch fallback: the result
-is the same, and the autotune then mostly keeps dense mode.
+is the same, and the autotune then mostly keeps dense mode (no chains are formed).
 
 Example:
     >>> import torch, ntksap
@@ -56,7 +64,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntksap.sparse import _ext
-from ntksap.sparse.layers import BufferPool, SparseConv2d, SparseLinear, _SparseBase
+from ntksap.sparse.layers import BufferPool, SparseChain, SparseConv2d, SparseLinear, _SparseBase
 
 __all__ = ["LayerDecision", "SparseModel", "convert"]
 
@@ -76,6 +84,7 @@ class LayerDecision:
     dense_ms: float | None = None
     sparse_ms: float | None = None
     reason: str = ""
+    chain: str = ""  # the SparseChain running this layer ("" if none)
 
 
 @dataclass
@@ -86,6 +95,8 @@ class _Context:
     example: tuple[Any, ...] | None
     decisions: dict[str, LayerDecision] = field(default_factory=dict)
     untraced: list[str] = field(default_factory=list)
+    chains: int = 0  # SparseChains made so far (their names are unique in the model)
+    chain: bool = True  # form SparseChains at all
 
 
 class SparseModel(nn.Module):
@@ -150,12 +161,22 @@ class SparseModel(nn.Module):
             f"{'layer':<28} {'shape':<18} {'density':>8} {'fused':<16} {'mode':<7} "
             f"{'dense ms':>9} {'sparse ms':>9}  note",
         ]
+        chains = {m.name: m for m in self.net.modules() if isinstance(m, SparseChain)}
         for d in self.decisions:
             fused = "+".join(x for x in ("bn" if d.bn_folded else "", d.fused) if x)
+            chain = chains.get(d.chain)
+            mode = "chain" if chain is not None and chain.mode == "fused" else d.mode
+            note = f"in {d.chain}; {d.reason}" if chain is not None else d.reason
             rows.append(
                 f"{d.name:<28} {'x'.join(map(str, d.shape)):<18} {d.density:>8.4f} "
-                f"{fused or '-':<16} {d.mode:<7} {_ms(d.dense_ms):>9} {_ms(d.sparse_ms):>9}  "
-                f"{d.reason}"
+                f"{fused or '-':<16} {mode:<7} {_ms(d.dense_ms):>9} {_ms(d.sparse_ms):>9}  "
+                f"{note.rstrip('; ')}"
+            )
+        for name, chain in chains.items():
+            rows.append(
+                f"{name}: {len(chain.layers)} convs in one C++ call, mode {chain.mode} "
+                f"(whole chain: fused {_ms(chain.fused_ms)} ms, layer by layer "
+                f"{_ms(chain.layers_ms)} ms)"
             )
         return "\n".join(rows)
 
@@ -184,6 +205,7 @@ _FRESH_MODULES = (
     nn.AdaptiveMaxPool2d,
     nn.BatchNorm2d,
     _SparseBase,
+    SparseChain,
 )
 _FRESH_FUNCTIONS = (
     operator.add,
@@ -420,10 +442,94 @@ def _fuse(ctx: _Context, gm: fx.GraphModule) -> None:
         graph.erase_node(node)
         ctx.decisions[layer.source_name].fused = tag
 
+    if ctx.chain and _ext.available():
+        _form_chains(ctx, gm)
     graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
     _assign_buffers(gm)
+
+
+def _form_chains(ctx: _Context, gm: fx.GraphModule) -> None:
+    """Replace every run of kernel-eligible sparse convs (and identity shortcuts between
+    them) that has ONE input from outside and ONE value used outside by a `SparseChain`
+    call: the C++ executor then runs the run in one call (see SparseChain). Runs with
+    several inputs or outputs (feature pyramids, dense connections) stay layer by layer."""
+    graph = gm.graph
+    calls = Counter(n.target for n in graph.nodes if n.op == "call_module")
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    def conv_of(n: fx.Node) -> SparseConv2d | None:
+        mod = _module(gm, n)
+        if not isinstance(mod, SparseConv2d) or mod.kernel_reason or calls[n.target] != 1:
+            return None
+        d = ctx.decisions.get(mod.source_name)
+        if d is None or not d.masked or n.kwargs or len(n.args) != 1 + int(mod.residual):
+            return None
+        return mod if all(isinstance(a, fx.Node) for a in n.args) else None
+
+    def member(n: fx.Node) -> bool:
+        if n.op != "call_module":
+            return False
+        if _is_identity(gm, n):
+            return len(n.args) == 1 and not n.kwargs and isinstance(n.args[0], fx.Node)
+        return conv_of(n) is not None
+
+    members = [n for n in graph.nodes if member(n)]
+    parent = {n: n for n in members}
+
+    def find(n: fx.Node) -> fx.Node:
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in members:
+        for a in n.args:
+            if a in parent:
+                parent[find(a)] = find(n)  # type: ignore[index]
+    comps: dict[fx.Node, list[fx.Node]] = {}
+    for n in members:
+        comps.setdefault(find(n), []).append(n)
+    for nodes in sorted(comps.values(), key=lambda c: order[c[0]]):
+        inside = set(nodes)
+        convs = [n for n in nodes if conv_of(n) is not None]
+        external = {a for n in nodes for a in n.args if a not in inside}
+        outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+        if (
+            len(convs) < 2
+            or len(external) != 1
+            or len(outputs) != 1
+            or conv_of(outputs[0]) is None
+            or any(not n.users for n in nodes)
+        ):
+            continue
+        (source,) = external
+        value: dict[fx.Node, int] = {source: 0}  # type: ignore[dict-item]
+        layers: list[SparseConv2d] = []
+        steps: list[tuple[int, int]] = []
+        for n in nodes:  # graph order is a topological order
+            if _is_identity(gm, n):
+                value[n] = value[n.args[0]]  # type: ignore[index]
+                continue
+            layer = conv_of(n)
+            assert layer is not None
+            res = value[n.args[1]] if len(n.args) == 2 else -1  # type: ignore[index]
+            steps.append((value[n.args[0]], res))  # type: ignore[index]
+            layers.append(layer)
+            value[n] = len(layers)
+        chain = SparseChain(layers, steps, output=value[outputs[0]])
+        name = chain.name = f"sparse_chain_{ctx.chains}"
+        ctx.chains += 1
+        gm.add_submodule(name, chain)
+        with graph.inserting_after(outputs[0]):
+            new = graph.call_module(name, args=(source,))
+        new.meta = dict(outputs[0].meta)
+        outputs[0].replace_all_uses_with(new)
+        for n in reversed(nodes):
+            graph.erase_node(n)
+        for layer in layers:
+            ctx.decisions[layer.source_name].chain = name
 
 
 def _fresh_user(gm: fx.GraphModule, user: fx.Node) -> bool:
@@ -464,7 +570,7 @@ def _assign_buffers(gm: fx.GraphModule) -> None:
     slot_free_after: list[int] = []  # slot -> position of its current value's last reader
     for node in gm.graph.nodes:
         mod = _module(gm, node)
-        if not isinstance(mod, SparseConv2d) or not node.users:
+        if not isinstance(mod, SparseConv2d | SparseChain) or not node.users:
             continue
         readers = _readers(gm, node)
         if not readers or not all(_fresh_user(gm, u) for u in readers):
@@ -538,12 +644,16 @@ def _time_pair_ms(
 
 def _autotune(ctx: _Context, model: SparseModel, example: tuple[Any, ...]) -> None:
     layers = [m for m in model.net.modules() if isinstance(m, _SparseBase)]
+    chains = [m for m in model.net.modules() if isinstance(m, SparseChain)]
     inputs: dict[int, tuple[Any, ...]] = {}
 
     def hook(m: nn.Module, args: tuple[Any, ...]) -> None:
         inputs.setdefault(id(m), tuple(a.clone() if torch.is_tensor(a) else a for a in args))
 
-    handles = [m.register_forward_pre_hook(hook) for m in layers]
+    # chains run layer by layer once, so that every layer's own input is seen
+    for chain in chains:
+        chain.set_mode("layers")
+    handles = [m.register_forward_pre_hook(hook) for m in [*layers, *chains]]
     try:
         model(*example)
     finally:
@@ -569,6 +679,30 @@ def _autotune(ctx: _Context, model: SparseModel, example: tuple[Any, ...]) -> No
             d.mode = best
             if not _ext.available() and best == "sparse":
                 d.reason = "pure-torch fallback (no C++ kernels)"
+        # then each chain: the executor vs its layers one by one (in their tuned modes)
+        for chain in chains:
+            args = inputs.get(id(chain))
+            if args is None:
+                chain.set_mode("fused")
+                continue
+
+            def run_chain(mode: str, chain: SparseChain = chain, args: tuple = args) -> Any:
+                return chain.compute(mode, *args)
+
+            # fewer groups of 16 images than threads (small batches): should big ops split
+            # their output channels between the threads? (-1: never)
+            x = args[0]
+            if torch.is_tensor(x) and x.dim() == 4 and x.shape[0] // 16 < torch.get_num_threads():
+                splits = {}
+                for work in (-1, 1 << 16, 1 << 19):
+                    chain.split_work = work
+                    splits[work] = _time_pair_ms({"fused": functools.partial(run_chain, "fused")})[
+                        "fused"
+                    ]
+                chain.split_work = min(splits, key=splits.get)  # type: ignore[arg-type]
+            times = _time_pair_ms({m: functools.partial(run_chain, m) for m in ("fused", "layers")})
+            chain.fused_ms, chain.layers_ms = times["fused"], times["layers"]
+            chain.set_mode(min(times, key=times.get))  # type: ignore[arg-type]
 
 
 # -- entry point ----------------------------------------------------------------------------
@@ -593,6 +727,7 @@ def convert(
     example_input: torch.Tensor | tuple[Any, ...] | None = None,
     autotune: bool = True,
     threads: int | None = None,
+    chain: bool = True,
 ) -> SparseModel:
     """An inference-only copy of `model` whose masked Conv2d / Linear run sparse where that
     is faster (see the module docstring for every step).
@@ -609,6 +744,8 @@ def convert(
             layer the kernel can run is sparse.
         threads: torch threads during the autotune (default: the current setting); use the
             count the model will run with.
+        chain: run each run of sparse convs (one input, one output: a ResNet trunk, a VGG
+            block) in one C++ call (`SparseChain`, see step 5 above); False: layer by layer.
 
     Raises:
         ValueError: autotune without an example input for a non-zoo model.
@@ -653,6 +790,7 @@ def convert(
         names={id(m): n for n, m in work.named_modules()},
         root=work,
         example=example,
+        chain=bool(chain),
     )
     net = _lower(ctx, work, "")
     net.eval()

@@ -6,6 +6,8 @@ other module (BatchNorm that was not folded, ...). The safetensors metadata hold
 "ntksap.sparse", a JSON description of the structure:
 
 - `{"kind": "conv" | "linear", "config": {...}}` for `SparseConv2d` / `SparseLinear`;
+- `{"kind": "chain", "layers": [...], "steps": [[in, res], ...], "output": k, ...}` for a
+  `SparseChain` (its convs, how they connect, the autotuned mode);
 - `{"kind": "graph", "nodes": [...], "modules": {target: spec}}` for a traced part: the
   torch.fx graph, node by node (op, target, args); functions and tensor methods come from an
   allow-list, so loading never runs code from the file;
@@ -48,7 +50,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ntksap.sparse.convert import LayerDecision, SparseModel, _assign_buffers, decisions_json
-from ntksap.sparse.layers import SparseConv2d, SparseLinear, _SparseBase
+from ntksap.sparse.layers import SparseChain, SparseConv2d, SparseLinear, _SparseBase
 
 __all__ = ["FORMAT", "load", "save"]
 
@@ -125,6 +127,21 @@ class _Writer:
                 "kind": kind,
                 "prefix": prefix,
                 "config": {**module.config(), "source_name": module.source_name},
+            }
+        if isinstance(module, SparseChain):
+            return {
+                "kind": "chain",
+                "name": module.name,
+                "layers": [
+                    self.spec(layer, f"{prefix}layers.{i}.", zoo)
+                    for i, layer in enumerate(module.layers)
+                ],
+                "steps": [list(step) for step in module.steps],
+                "output": module.output,
+                "mode": module.mode,
+                "split_work": module.split_work,
+                "fused_ms": module.fused_ms,
+                "layers_ms": module.layers_ms,
             }
         if isinstance(module, fx.GraphModule):
             nodes = [_encode_node(n) for n in module.graph.nodes]
@@ -292,6 +309,20 @@ class _Reader:
                 layer = SparseLinear(**common)
             layer.source_name = cfg.get("source_name", "")
             return layer.eval()
+        if kind == "chain":
+            layers = [self.build(spec_) for spec_ in spec["layers"]]
+            if not all(isinstance(layer, SparseConv2d) for layer in layers):
+                raise ValueError("a chain in the file holds something other than convs")
+            chain = SparseChain(
+                layers,  # type: ignore[arg-type]
+                [(int(a), int(b)) for a, b in spec["steps"]],
+                int(spec["output"]),
+                spec.get("mode", "fused"),
+            )
+            chain.name = str(spec.get("name", ""))
+            chain.split_work = int(spec.get("split_work", -1))
+            chain.fused_ms, chain.layers_ms = spec.get("fused_ms"), spec.get("layers_ms")
+            return chain.eval()
         if kind == "graph":
             graph = fx.Graph()
             env: dict[str, fx.Node] = {}

@@ -37,7 +37,7 @@ from torch import nn
 
 from ntksap.sparse import _ext
 
-__all__ = ["BufferPool", "SparseConv2d", "SparseLinear", "to_csr"]
+__all__ = ["BufferPool", "SparseChain", "SparseConv2d", "SparseLinear", "to_csr"]
 
 MODES = ("sparse", "dense")
 # "no tensor" for the kernels' optional arguments; never written to (the kernels allocate
@@ -434,3 +434,160 @@ def _pair(v: Any) -> tuple:
     if isinstance(v, int):
         return (v, v)
     return tuple(v)
+
+
+POLICIES = ("auto", "blocked", "spatial")
+CHAIN_MODES = ("fused", "layers")
+
+
+class SparseChain(nn.Module):
+    """A run of `SparseConv2d` layers executed in ONE C++ call (the "chain executor").
+
+    `steps[k] = (in, res)`: layer k reads value `in` and adds value `res` (-1: none) in its
+    epilogue; value 0 is the chain's input, value k + 1 is layer k's output; `output` is
+    the value returned. The converter builds chains from the fx graph (a ResNet's whole
+    convolutional trunk is one chain, a VGG block between two poolings another).
+
+    Modes: "fused" runs the executor: groups of 16 images in a batch-interleaved layout
+    (aligned AVX-512 strips, epilogue in registers), images left over one by one with the
+    NCHW kernel, every group/image depth-first through the whole chain in one thread (no
+    per-layer Python, allocation or fork/join). "layers" calls the layers one by one in
+    their own modes (what the autotune compares against; also the path without the C++
+    kernels). `policy` ("auto", "blocked", "spatial") forces one layout of the executor
+    (tests); "auto" puts full groups of 16 in the blocked layout and the rest spatial.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> c1, c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        >>> with torch.no_grad():
+        ...     _ = c2.weight.mul_(torch.rand_like(c2.weight) < 0.2)
+        >>> layers = [SparseConv2d.from_dense(c.weight, c.bias, padding=1, relu=True)
+        ...           for c in (c1, c2)]
+        >>> chain = SparseChain(layers, [(0, -1), (1, -1)], output=2)
+        >>> x = torch.randn(2, 3, 8, 8)
+        >>> want = c2(c1(x).relu()).relu()
+        >>> torch.allclose(chain(x), want, atol=1e-5)
+        True
+    """
+
+    def __init__(
+        self,
+        layers: list[SparseConv2d],
+        steps: list[tuple[int, int]],
+        output: int,
+        mode: str = "fused",
+    ) -> None:
+        super().__init__()
+        if len(layers) != len(steps) or not layers:
+            raise ValueError("a chain needs one (in, res) step per layer, and at least one layer")
+        for k, (layer, (src, res)) in enumerate(zip(layers, steps, strict=True)):
+            if not isinstance(layer, SparseConv2d) or layer.kernel_reason:
+                raise ValueError(f"chain layer {k} is not a kernel-eligible SparseConv2d")
+            if not (0 <= src <= k and -1 <= res <= k):
+                raise ValueError(f"chain layer {k} reads a value computed after it: {(src, res)}")
+            if layer.residual != (res >= 0):
+                raise ValueError(f"chain layer {k}: residual flag and step disagree")
+        if not 1 <= output <= len(layers):
+            raise ValueError(f"output must name a layer's value (1..{len(layers)}), got {output}")
+        self.layers = nn.ModuleList(layers)
+        self.steps = [(int(a), int(b)) for a, b in steps]
+        self.output = int(output)
+        self.policy = "auto"
+        # with fewer image groups than threads (batch 1), ops of at least this many MACs
+        # split their output channels between threads; -1: never (set by the autotune)
+        self.split_work = -1
+        self.name = ""  # unique in the converted model (LayerDecision.chain refers to it)
+        self.fused_ms: float | None = None  # autotune times of the whole chain
+        self.layers_ms: float | None = None
+        self.mode = "fused"
+        self.set_mode(mode)
+        self._exec: Any = None
+        self._out_shapes: dict[torch.Size, torch.Size] = {}
+        # output buffer slot (set by the converter when the output dies inside the graph)
+        self.pool: BufferPool | None = None
+        self.slot: int | None = None
+
+    def output_shape(self, shape: torch.Size) -> torch.Size:
+        """The (N, C, H, W) output shape for an input of `shape`."""
+        out = self._out_shapes.get(shape)
+        if out is None:
+            shapes = [shape]
+            for layer, (src, _res) in zip(self.layers, self.steps, strict=True):
+                shapes.append(layer.output_shape(shapes[src]))
+            out = self._out_shapes[shape] = shapes[self.output]
+        return out
+
+    def set_mode(self, mode: str) -> None:
+        if mode not in CHAIN_MODES:
+            raise ValueError(f"chain mode must be one of {CHAIN_MODES}, got {mode!r}")
+        self.mode = mode
+
+    def _executor(self) -> Any:
+        ext = _ext.extension()
+        if ext is None:
+            return None
+        if self._exec is None:
+            specs, rps, cols, vals, biases = [], [], [], [], []
+            for layer, (src, res) in zip(self.layers, self.steps, strict=True):
+                o, c, kh, kw = layer.weight_shape
+                specs.append(
+                    [src, res, o, c, kh, kw, layer.stride[0], layer.padding[0], int(layer.relu)]  # type: ignore[index]
+                )
+                rps.append(layer.rowptr)
+                cols.append(layer.col_idx)
+                vals.append(layer.values)
+                biases.append(layer.bias)
+            self._exec = ext.SparseChainExec(rps, cols, vals, biases, specs, self.output)
+        return self._exec
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.is_tensor(x) or x.dim() != 4:
+            raise TypeError("a SparseChain takes one (N, C, H, W) tensor")
+        if x.dtype != torch.float32:
+            raise TypeError(f"ntksap.sparse computes in float32, got input of dtype {x.dtype}")
+        if x.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(
+                "ntksap.sparse modules are inference-only: the input requires grad; run "
+                "under torch.no_grad() / torch.inference_mode()"
+            )
+        return self.compute(self.mode, x)
+
+    def compute(self, mode: str, x: torch.Tensor) -> torch.Tensor:
+        """The output in `mode` ("fused" or "layers"), whatever the chain's own mode."""
+        if mode == "fused":
+            ex = self._executor()
+            if ex is not None:
+                if self.policy not in POLICIES:
+                    raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
+                out = None
+                if self.pool is not None and self.slot is not None:
+                    out = self.pool.get(self.slot, self.output_shape(x.shape))
+                return ex.forward(x, POLICIES.index(self.policy), self.split_work, out)
+        values = [x]
+        for layer, (src, res) in zip(self.layers, self.steps, strict=True):
+            # a module call (not .compute): the autotune's hooks see each layer's input
+            values.append(layer(values[src], None if res < 0 else values[res]))
+        return values[self.output]
+
+    def train(self, mode: bool = True) -> SparseChain:
+        if mode:
+            raise RuntimeError(
+                "ntksap.sparse modules are inference-only and cannot train; train the "
+                "masked dense model and convert it again"
+            )
+        return super().train(False)
+
+    def __deepcopy__(self, memo: dict) -> SparseChain:
+        import copy
+
+        new = SparseChain(
+            [copy.deepcopy(m, memo) for m in self.layers], self.steps, self.output, self.mode
+        )
+        new.policy, new.fused_ms, new.layers_ms = self.policy, self.fused_ms, self.layers_ms
+        new.name, new.split_work = self.name, self.split_work
+        new.pool, new.slot = copy.deepcopy(self.pool, memo), self.slot
+        return new
+
+    def extra_repr(self) -> str:
+        return f"{len(self.layers)} convs, output=value {self.output}, mode={self.mode}"
