@@ -8,7 +8,10 @@ For CIFAR ResNet-20, CIFAR VGG-16-BN (10 classes, 32x32) and an MLP (784-1024-10
   optimisations (the best dense runtime measured in the issue);
 - compacted: `ntksap.compact.compact(model, masks)` (dead channels removed), exported and run
   in onnxruntime the same way (n/a when ntksap.compact is missing);
-- ntksap sparse: `ntksap.sparse.convert(model, masks, example_input=<that batch>)`.
+- ntksap layers: `ntksap.sparse.convert(..., chain=False)`: every layer its own call (the
+  converter before the chain executor; kept as a same-run baseline);
+- ntksap sparse: `ntksap.sparse.convert(model, masks, example_input=<that batch>)` (runs of
+  sparse convs in one C++ call: `SparseChain`).
 
 Milliseconds per batch (median of the timed calls; each runtime timed in blocks, over 3
 rounds) and each runtime's speed-up over onnxruntime dense (ort ms / runtime ms). Every
@@ -53,7 +56,7 @@ NTKSAP_SETTINGS = {
     "vgg16_bn": {"rounds": 5, "resamples": 1, "num_samples": 100},  # reduced (CPU time)
     "mlp": {"rounds": 20, "resamples": 5, "num_samples": 100},
 }
-RUNTIMES = ("torch dense", "ort dense", "compacted", "ntksap sparse")
+RUNTIMES = ("torch dense", "ort dense", "compacted", "ntksap layers", "ntksap sparse")
 
 
 def build(name: str) -> nn.Module:
@@ -196,6 +199,12 @@ def main() -> None:
                         "params": sum(q.numel() for q in small.parameters()),
                         "params_before": sum(q.numel() for q in net.parameters()),
                     }
+                if sp.extension_available():
+                    plain = sp.convert(
+                        net, masks, example_input=x, threads=args.threads, chain=False
+                    )
+                    fns["ntksap layers"] = lambda plain=plain, x=x: plain(x)
+                    errors["ntksap layers"] = rel_err(plain(x), ref)
                 t = time.perf_counter()
                 fast = sp.convert(net, masks, example_input=x, threads=args.threads)
                 convert_s = time.perf_counter() - t
@@ -226,8 +235,21 @@ def main() -> None:
                         "fused": ("bn+" if d.bn_folded else "") + d.fused,
                         "dense_ms": d.dense_ms,
                         "sparse_ms": d.sparse_ms,
+                        "chain": d.chain,
                     }
                     for d in fast.decisions
+                ]
+                row["chains"] = [
+                    {
+                        "name": c.name,
+                        "convs": len(c.layers),
+                        "mode": c.mode,
+                        "fused_ms": c.fused_ms,
+                        "layers_ms": c.layers_ms,
+                        "split_work": c.split_work,
+                    }
+                    for c in fast.modules()
+                    if isinstance(c, sp.SparseChain)
                 ]
                 if name == "resnet20" and abs(sparsity - 0.982) < 1e-9:
                     profiles[key] = fast.summary()

@@ -4,8 +4,11 @@
 Conv2d / Linear layers store their weights as CSR and run a direct sparse convolution
 (Park et al., ICLR 2017) or CSR x dense product in C++ where the per-layer autotune
 measures that faster than dense; BatchNorm is folded into the preceding conv, ReLU and
-residual adds are fused into the layer's epilogue. `save` / `load` write and read it as
-safetensors (no pickle).
+residual adds are fused into the layer's epilogue. Runs of sparse convs with one input and
+one output (a ResNet's trunk, a VGG block) become one `SparseChain`: a C++ executor runs
+the whole run in one call, 16 images at a time in a batch-interleaved layout (aligned
+AVX-512 strips), each group depth-first through the run. `save` / `load` write and read it
+as safetensors (no pickle).
 
 The C++ kernels are built by `make` (`python -m ntksap.sparse.build`) or on first use;
 without a compiler a pure-torch fallback gives the same results (not faster).
@@ -26,10 +29,11 @@ from ntksap.sparse._ext import available as extension_available
 from ntksap.sparse._ext import disabled as extension_disabled
 from ntksap.sparse.convert import LayerDecision, SparseModel, convert
 from ntksap.sparse.io import load, save
-from ntksap.sparse.layers import SparseConv2d, SparseLinear
+from ntksap.sparse.layers import SparseChain, SparseConv2d, SparseLinear
 
 __all__ = [
     "LayerDecision",
+    "SparseChain",
     "SparseConv2d",
     "SparseLinear",
     "SparseModel",
