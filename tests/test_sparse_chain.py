@@ -254,3 +254,20 @@ def test_chain_errors():
         SparseChain([layer], [(0, -1)], output=2)
     with pytest.raises(RuntimeError, match="inference-only"):
         chain.train()
+
+
+def test_chain_copies_and_pickles_after_use():
+    """The executor (raw pointers into the chain's tensors) is never copied: deepcopy and
+    pickle of a used chain rebuild it on their first call, on their own tensors."""
+    import pickle
+
+    chain, reference = build_chain(seed=3)
+    x = torch.randn(17, 3, 9, 9)
+    with torch.no_grad():
+        want = chain(x)
+        twin = copy.deepcopy(chain)
+        thawed = pickle.loads(pickle.dumps(chain))
+        assert torch.equal(twin(x), want) and torch.equal(thawed(x), want)
+        twin.layers[0].values.zero_()  # the copy's weights are its own
+        assert torch.equal(chain(x), want)
+    assert rel_err(want, reference(x)) <= 1e-5

@@ -578,16 +578,12 @@ class SparseChain(nn.Module):
             )
         return super().train(False)
 
-    def __deepcopy__(self, memo: dict) -> SparseChain:
-        import copy
-
-        new = SparseChain(
-            [copy.deepcopy(m, memo) for m in self.layers], self.steps, self.output, self.mode
-        )
-        new.policy, new.fused_ms, new.layers_ms = self.policy, self.fused_ms, self.layers_ms
-        new.name, new.split_work = self.name, self.split_work
-        new.pool, new.slot = copy.deepcopy(self.pool, memo), self.slot
-        return new
+    def __getstate__(self) -> dict[str, Any]:
+        # the C++ executor holds raw pointers into this module's tensors: never copied or
+        # pickled, rebuilt on the next call (deepcopy and pickle both come through here)
+        state = self.__dict__.copy()
+        state["_exec"] = None
+        return state
 
     def extra_repr(self) -> str:
         return f"{len(self.layers)} convs, output=value {self.output}, mode={self.mode}"
