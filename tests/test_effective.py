@@ -500,3 +500,45 @@ def test_cli_run_effective_and_sweep_axis(tmp_path: Path) -> None:
     cells = plan(spec, tmp_path / "sweep")
     assert len(cells) == 2 and len({c.hash for c in cells}) == 2
     assert [c.request.prune_settings.get("effective", False) for c in cells] == [False, True]
+
+
+def test_run_effective_tolerance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`ntksap run --effective --effective-tolerance REL` (and `ntksap.run`, sweeps) pass the
+    tolerance to the search and record it; without --effective, or out of (0, 1], it is an
+    error before any work."""
+    from ntksap import runs
+    from ntksap.experiments.sweep import Sweep, plan
+
+    out = tmp_path / "run"
+    argv = ["run", "--dataset", "digits", "--model", "lenet5", "--method", "random",
+            "--sparsity", "0.97", "--epochs", "1", "--out", str(out)]  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert main([*argv, "--effective", "--effective-tolerance", "0.2"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["prune"]["effective"] is True
+    assert config["prune"]["effective_tolerance"] == 0.2
+    result = json.loads((out / "result.json").read_text())
+    assert result["effective_density"] == pytest.approx(0.03, rel=0.2 + 1e-9)
+
+    bad = tmp_path / "bad"
+    assert main([*argv[:-1], str(bad), "--effective-tolerance", "0.2"]) == 2
+    assert "--effective-tolerance needs --effective" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # argparse refuses the value itself
+        main([*argv[:-1], str(bad), "--effective", "--effective-tolerance", "0"])
+    assert exc.value.code == 2 and "must be a number in (0, 1]" in capsys.readouterr().err
+    assert not bad.exists()
+    common = {"dataset": "digits", "method": "random", "sparsity": 0.9, "log": lambda m: None}
+    with pytest.raises(ValueError, match="effective_tolerance needs effective=True"):
+        runs.prepare(bad, effective_tolerance=0.05, **common)
+    with pytest.raises(ValueError, match="effective_tolerance"):
+        runs.prepare(bad, effective=True, effective_tolerance=1.5, **common)
+    req = runs.prepare(bad, effective=True, effective_tolerance=0.05, **common)
+    assert req.prune_settings["effective_tolerance"] == 0.05
+
+    spec = Sweep(
+        base={"dataset": "digits", "model": "lenet5"}, methods=["random"], densities=[0.05],
+        run={"effective": True}, axes={"effective_tolerance": [0.01, 0.1]}, train={"epochs": 1},
+    )  # fmt: skip
+    cells = plan(spec, tmp_path / "sweep")
+    assert [c.request.prune_settings["effective_tolerance"] for c in cells] == [0.01, 0.1]

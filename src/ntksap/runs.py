@@ -331,6 +331,7 @@ def prepare(
     reinit: bool = False,
     log: Callable[[str], None] = print,
     effective: bool = False,
+    effective_tolerance: float | None = None,
 ) -> RunRequest:
     """Validate a run's settings without doing any work: the `RunRequest` that `run` executes.
 
@@ -378,10 +379,23 @@ def prepare(
         if v.boolean("effective", effective):
             # only when set: the configs (and sweep hashes) of other runs stay as they were
             req.prune_settings["effective"] = True
+        if effective_tolerance is not None:
+            if not effective:
+                raise ValueError("effective_tolerance needs effective=True")
+            req.prune_settings["effective_tolerance"] = v.finite_float(
+                "effective_tolerance", effective_tolerance, low=0.0, high=1.0, low_open=True
+            )
     else:
-        if density is not None or sparsity is not None or options or effective:
+        if (
+            density is not None
+            or sparsity is not None
+            or options
+            or effective
+            or effective_tolerance is not None
+        ):
             raise ValueError(
-                "density, sparsity, effective and options need a method (method=None given)"
+                "density, sparsity, effective, effective_tolerance and options need a method "
+                "(method=None given)"
             )
         if mask is not None:
             req.mask = mask if isinstance(mask, Masks) else Masks.load(mask)
@@ -425,6 +439,7 @@ def run(
     progress: bool = False,
     log: Callable[[str], None] = print,
     effective: bool = False,
+    effective_tolerance: float | None = None,
 ) -> dict[str, Any]:
     """Prune (or take `mask`, or stay dense) and train, into the run folder `out`.
 
@@ -439,6 +454,8 @@ def run(
             as `ntksap.prune` (options: the method's, e.g. {"resamples": 5}).
         effective: density / sparsity is the effective one (weights on an input-to-output
             path), as `ntksap.prune(effective=True)`; recorded as config "prune.effective".
+        effective_tolerance: with `effective`, the relative tolerance of the search (default:
+            `ntksap.prune`'s, 1 %); recorded as config "prune.effective_tolerance" when given.
         train: TrainConfig overrides on the preset, e.g. {"epochs": 10, "lr": 0.05}.
         seed: seeds the model init, the pruning draws and the data order (default: 0).
         reinit: re-draw the weights after pruning (ablation).
@@ -458,7 +475,7 @@ def run(
         density=density, sparsity=sparsity, mask=mask, rounds=rounds, schedule=schedule,
         scope=scope, include_bias=include_bias, exclude=exclude, include=include, invert=invert,
         shuffle=shuffle, options=options, train=train, seed=seed, reinit=reinit, log=log,
-        effective=effective,
+        effective=effective, effective_tolerance=effective_tolerance,
     )  # fmt: skip
     return execute(req, resume=resume, device=device, workers=workers, sync_bn=sync_bn,
                    progress=progress, log=log)  # fmt: skip

@@ -325,6 +325,47 @@ def add_pruning_arguments(p: argparse.ArgumentParser, *, required: bool = True) 
     _add_method_options(p)
 
 
+def _tolerance(text: str) -> float:
+    """A relative tolerance in (0, 1].
+
+    >>> _tolerance("0.02")
+    0.02
+    """
+    value = finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def add_effective_arguments(p: argparse.ArgumentParser) -> None:
+    """--effective and --effective-tolerance (`ntksap prune`, `ntksap run`)."""
+    p.add_argument(
+        "--effective",
+        action="store_true",
+        help="the density/sparsity is the effective one (weights on an input-to-output path "
+        "only): the nominal density is searched, one full prune per probe",
+    )
+    p.add_argument(
+        "--effective-tolerance",
+        type=_tolerance,
+        metavar="REL",
+        help="with --effective: accept |effective - target| <= REL x target or one weight "
+        "(default 0.01)",
+    )
+
+
+def effective_kwargs_from(args: argparse.Namespace) -> dict[str, Any]:
+    """The effective-density keywords of `ntksap.prune` / `ntksap.run` (none without
+    --effective; without --effective-tolerance the library's default applies)."""
+    if not args.effective:
+        if args.effective_tolerance is not None:
+            raise UsageError("--effective-tolerance needs --effective")
+        return {}
+    if args.effective_tolerance is None:
+        return {"effective": True}
+    return {"effective": True, "effective_tolerance": args.effective_tolerance}
+
+
 def pruning_request(args: argparse.Namespace) -> tuple[Method, float, dict[str, Any]]:
     """(method, density, method options) from parsed flags, validated before any work."""
     meth = get_method(args.method)

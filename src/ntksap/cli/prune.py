@@ -18,13 +18,14 @@ from pathlib import Path
 from ntksap import data
 from ntksap.cli.common import (
     UsageError,
+    add_effective_arguments,
     add_model_arguments,
     add_progress,
     add_pruning_arguments,
     check_mask_suffix,
     check_new_file,
     device,
-    finite_float,
+    effective_kwargs_from,
     fmt_shape,
     model_shape,
     progress,
@@ -66,39 +67,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", type=device, default="cpu", help="where to score (default cpu)")
     p.add_argument("--out", type=Path, help="save the masks here (.safetensors, .pt or .pth)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument(
-        "--effective",
-        action="store_true",
-        help="the density/sparsity is the effective one (weights on an input-to-output path "
-        "only): the nominal density is searched, one full prune per probe",
-    )
-    p.add_argument(
-        "--effective-tolerance",
-        type=_tolerance,
-        metavar="REL",
-        help="with --effective: accept |effective - target| <= REL x target or one weight "
-        "(default 0.01)",
-    )
+    add_effective_arguments(p)
     add_progress(p)
     p.set_defaults(func=cmd_prune)
-
-
-def _tolerance(text: str) -> float:
-    """A relative tolerance in (0, 1].
-
-    >>> _tolerance("0.02")
-    0.02
-    """
-    value = finite_float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
-    return value
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """Prune, print the table, save the masks."""
     meth, d, options = pruning_request(args)  # validated before any work
-    effective_kwargs = _effective_kwargs(args)
+    effective_kwargs = effective_kwargs_from(args)
     check_mask_suffix(args.out)
     check_new_file(args.out, args.overwrite)
     needs_data = meth.needs_data_for(options)  # e.g. ntksap --inputs data
@@ -180,14 +157,3 @@ def _dataset_shape(args: argparse.Namespace, info: data.DatasetInfo) -> tuple[tu
             "drop --num-classes"
         )
     return shape, classes
-
-
-def _effective_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    """The effective-density keywords of `ntksap.prune` (none without --effective)."""
-    if not args.effective:
-        if args.effective_tolerance is not None:
-            raise UsageError("--effective-tolerance needs --effective")
-        return {}
-    if args.effective_tolerance is None:
-        return {"effective": True}  # ntksap.prune's default tolerance
-    return {"effective": True, "effective_tolerance": args.effective_tolerance}

@@ -20,10 +20,12 @@ from typing import Any
 
 from ntksap import data, runs
 from ntksap.cli.common import (
+    add_effective_arguments,
     add_model_arguments,
     add_progress,
     add_pruning_arguments,
     device,
+    effective_kwargs_from,
     finite_float,
     nonneg_float,
     nonneg_int,
@@ -150,6 +152,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     """Prune (rank 0, broadcast) then train, into one run folder."""
     meth, density, options = pruning_request(args)
+    effective = effective_kwargs_from(args)
     result = runs.run(
         args.out,
         method=meth.name,
@@ -163,7 +166,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         invert=args.invert,
         shuffle=args.shuffle,
         options=options,
-        effective=args.effective,
+        **effective,
         **_common(args),
     )
     return _exit_code(result)
@@ -191,10 +194,5 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_arguments(r, with_shape=False)
     add_training_arguments(r)
     add_pruning_arguments(r)
-    r.add_argument(
-        "--effective",
-        action="store_true",
-        help="the density/sparsity is the effective one (weights on an input-to-output path "
-        "only): the nominal density is searched, one full prune per probe (tolerance 1 %%)",
-    )
+    add_effective_arguments(r)
     r.set_defaults(func=cmd_run)

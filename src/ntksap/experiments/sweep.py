@@ -78,6 +78,7 @@ RUN_KEYS = (
     "shuffle",
     "reinit",
     "effective",
+    "effective_tolerance",
 )
 #: Keys of `ntksap.run` that name the setting (fixed for a sweep, never axes).
 BASE_KEYS = ("preset", "model", "dataset", "data_dir")
