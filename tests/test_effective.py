@@ -465,6 +465,31 @@ def test_old_run_folders_still_report(run_dir: Path, tmp_path: Path) -> None:
     assert row["effective_sparsity"] is None and row["status"] == "finished"
 
 
+def test_old_index_rows_are_reread_when_a_column_is_added(run_dir: Path, tmp_path: Path) -> None:
+    """An index written before `effective_sparsity` existed, whose rows are up to date by
+    their signatures, gets the column filled on the next sync (not NULL until --rebuild)."""
+    from ntksap.experiments.index import _COLUMNS
+
+    folder = tmp_path / "runs" / "r"
+    folder.mkdir(parents=True)
+    for name in ("config.json", "metrics.jsonl", "mask.safetensors", "result.json"):
+        (folder / name).write_bytes((run_dir / name).read_bytes())
+    row = row_of(read_record(folder))
+    old_cols = {k: t for k, t in _COLUMNS.items() if k != "effective_sparsity"}
+    idx = Index(tmp_path)
+    with sqlite3.connect(idx.path) as con:
+        con.execute(f"CREATE TABLE runs ({', '.join(f'{k} {t}' for k, t in old_cols.items())})")
+        con.execute(
+            f"INSERT INTO runs ({', '.join(old_cols)}) VALUES ({', '.join('?' * len(old_cols))})",
+            tuple(row[k] for k in old_cols),
+        )
+    assert idx.sync() == 1  # re-read although its signature had not changed
+    (got,) = idx.rows()
+    expected = json.loads((folder / "result.json").read_text())["effective_sparsity"]
+    assert got["effective_sparsity"] == pytest.approx(expected)
+    assert idx.sync() == 0  # and only once
+
+
 def test_cli_prune_effective(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["prune", "--model", "lenet5", "--method", "random", "--sparsity", "0.95"]
     assert main([*argv, "--effective"]) == 0

@@ -168,12 +168,16 @@ class Index:
             con.execute("PRAGMA synchronous=NORMAL")
             cols = ", ".join(f"{k} {t}" for k, t in _COLUMNS.items())
             con.execute(f"CREATE TABLE IF NOT EXISTS runs ({cols})")
-            # an index made by an older version lacks the newer columns: add them (NULL
-            # until its rows are re-read; `rebuild` re-reads them all)
+            # an index made by an older version lacks the newer columns: add them, and
+            # forget every row's signature so that the next sync re-reads every run folder
+            # (the new columns would stay NULL otherwise)
             have = {r[1] for r in con.execute("PRAGMA table_info(runs)")}
-            for key, kind in _COLUMNS.items():
-                if key not in have:
-                    con.execute(f"ALTER TABLE runs ADD COLUMN {key} {kind}")
+            added = [key for key in _COLUMNS if key not in have]
+            for key in added:
+                con.execute(f"ALTER TABLE runs ADD COLUMN {key} {_COLUMNS[key]}")
+            if added:
+                con.execute("UPDATE runs SET signature = NULL")
+                con.commit()
             con.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
             con.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
             with con:  # one transaction per `with` block of the caller
