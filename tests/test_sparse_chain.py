@@ -271,3 +271,25 @@ def test_chain_copies_and_pickles_after_use():
         twin.layers[0].values.zero_()  # the copy's weights are its own
         assert torch.equal(chain(x), want)
     assert rel_err(want, reference(x)) <= 1e-5
+
+
+def test_concurrent_calls_from_python_threads():
+    """Several Python threads calling one converted model at once (the executor releases
+    the GIL; scratch is per thread, output buffers per thread) get their own results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    net = randomise_bn(models.create("resnet20"))
+    masks = masks_for(net, 0.95)
+    xs = [torch.randn(n, 3, 32, 32) for n in (1, 16, 17, 3, 32, 2)]
+    fast = sp.convert(net, masks, example_input=xs[1], autotune=False)
+    assert _chains(fast)
+    with torch.no_grad():
+        want = [fast(x).clone() for x in xs]
+
+        def call(i: int) -> torch.Tensor:
+            return [fast(xs[i]).clone() for _ in range(3)][-1]
+
+        with ThreadPoolExecutor(max_workers=3) as pool:
+            got = list(pool.map(call, range(len(xs))))
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)

@@ -821,8 +821,11 @@ class SparseChainExec {
       }
     };
     if (tasks >= threads || threads == 1 || split_work < 0) {
-      at::parallel_for(0, tasks, 1, [&](int64_t b, int64_t e) {
-        for (int64_t t = b; t < e; ++t) run_task(t, -1);
+      // Dynamic assignment, big tasks first (groups of 16, then single images): a static
+      // split by count would give one thread a group and two images, the other two images.
+      std::atomic<int64_t> next{0};
+      at::parallel_for(0, std::min(threads, tasks), 1, [&](int64_t, int64_t) {
+        for (int64_t t = next++; t < tasks; t = next++) run_task(t, -1);
       });
     } else {
       for (int64_t t = 0; t < tasks; ++t) run_task(t, split_work);
