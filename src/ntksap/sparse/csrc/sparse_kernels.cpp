@@ -25,7 +25,9 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
+#include <thread>
 #include <optional>
 #include <tuple>
 #include <utility>
@@ -689,10 +691,9 @@ void blocked_op(const ChainOp& op, const std::vector<int64_t>& offs, const float
 }
 
 // A task's scratch: 64-byte aligned, zero-initialised, one per (plan, layout) and thread,
-// remembering which slots already have their zero border. The few most recently used are
-// kept per thread (a model has a handful of chains; older ones are freed).
+// remembering which slots already have their zero border. Owned by the executor (freed
+// with the model).
 struct Scratch {
-  uint64_t id = 0;
   std::vector<float> raw;
   std::vector<char> zeroed;
   float* base() {
@@ -700,23 +701,6 @@ struct Scratch {
     return raw.data() + ((64 - addr % 64) % 64) / sizeof(float);
   }
 };
-
-Scratch& scratch_for(uint64_t id, int64_t floats, int64_t slots) {
-  thread_local std::vector<Scratch> cache;  // most recent last
-  constexpr size_t kKeep = 8;
-  for (size_t i = 0; i < cache.size(); ++i)
-    if (cache[i].id == id) {
-      if (i + 1 != cache.size()) std::rotate(cache.begin() + i, cache.begin() + i + 1, cache.end());
-      return cache.back();
-    }
-  if (cache.size() >= kKeep) cache.erase(cache.begin());
-  cache.emplace_back();
-  Scratch& sc = cache.back();
-  sc.id = id;
-  sc.raw.assign(floats + 16, 0.f);
-  sc.zeroed.assign(slots, 0);
-  return sc;
-}
 
 std::atomic<uint64_t> g_plan_ids{1};
 
@@ -813,10 +797,10 @@ class SparseChainExec {
     const int64_t nslots = static_cast<int64_t>(plan.boff.size());
     auto run_task = [&](int64_t t, int64_t split) {
       if (t < groups) {
-        Scratch& sc = scratch_for(2 * plan.id, plan.btotal, nslots);
+        Scratch& sc = scratch(plan, true, plan.btotal, nslots);
         run_blocked(plan, xp, N, t * kVec, sc, op, split);
       } else {
-        Scratch& sc = scratch_for(2 * plan.id + 1, plan.stotal + plan.sprep, nslots);
+        Scratch& sc = scratch(plan, false, plan.stotal + plan.sprep, nslots);
         run_single(plan, xp, first_single + (t - groups), sc, op, split);
       }
     };
@@ -834,6 +818,18 @@ class SparseChainExec {
   }
 
  private:
+  // This thread's scratch for (plan, layout), made on first use.
+  Scratch& scratch(const ChainPlan& plan, bool blocked, int64_t floats, int64_t slots) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto& sc = scratch_[std::make_tuple(std::this_thread::get_id(), plan.id, blocked)];
+    if (!sc) {
+      sc = std::make_unique<Scratch>();
+      sc->raw.assign(floats + 16, 0.f);
+      sc->zeroed.assign(slots, 0);
+    }
+    return *sc;
+  }
+
   const ChainPlan& plan_for(int64_t C, int64_t H, int64_t W) {
     std::lock_guard<std::mutex> lock(mutex_);
     const auto key = std::make_tuple(C, H, W);
@@ -1077,6 +1073,7 @@ class SparseChainExec {
   std::vector<int64_t> last_;  // value -> the last op reading it (the output: past the end)
   int64_t output_ = 0, B_ = 0;
   std::map<std::tuple<int64_t, int64_t, int64_t>, ChainPlan> plans_;
+  std::map<std::tuple<std::thread::id, uint64_t, bool>, std::unique_ptr<Scratch>> scratch_;
   mutable std::mutex mutex_;
 };
 
