@@ -220,7 +220,9 @@ def main() -> None:
                     "timing": timing,
                     "speedup_vs_ort": {k: ort_ms / v["median_ms"] for k, v in timing.items()},
                     "rel_error_vs_masked_torch": errors,
-                    "sparse_layers": sum(d.mode == "sparse" for d in fast.decisions),
+                    "sparse_layers": sum(
+                        m in ("sparse", "chain") for m in fast.layer_modes().values()
+                    ),
                     "layers": len(fast.decisions),
                     "convert_seconds": convert_s,
                     "compacted": compact_info,

@@ -293,3 +293,15 @@ def test_concurrent_calls_from_python_threads():
             got = list(pool.map(call, range(len(xs))))
     for g, w in zip(got, want, strict=True):
         assert torch.equal(g, w)
+
+
+def test_layer_modes_and_repr_count_chain_layers():
+    net = randomise_bn(models.create("resnet20"))
+    fast = sp.convert(net, masks_for(net, 0.95), example_input=torch.randn(2, 3, 32, 32),
+                      autotune=False)  # fmt: skip
+    modes = fast.layer_modes()
+    assert sum(m == "chain" for m in modes.values()) == 21 and modes["fc"] in ("sparse", "dense")
+    assert "21 of them in 1 chain(s)" in repr(fast)
+    (chain,) = fast.chains().values()
+    chain.set_mode("layers")
+    assert "chain" not in fast.layer_modes().values()

@@ -161,11 +161,12 @@ class SparseModel(nn.Module):
             f"{'layer':<28} {'shape':<18} {'density':>8} {'fused':<16} {'mode':<7} "
             f"{'dense ms':>9} {'sparse ms':>9}  note",
         ]
-        chains = {m.name: m for m in self.net.modules() if isinstance(m, SparseChain)}
+        chains = self.chains()
+        modes = self.layer_modes()
         for d in self.decisions:
             fused = "+".join(x for x in ("bn" if d.bn_folded else "", d.fused) if x)
             chain = chains.get(d.chain)
-            mode = "chain" if chain is not None and chain.mode == "fused" else d.mode
+            mode = modes[d.name]
             note = f"in {d.chain}; {d.reason}" if chain is not None else d.reason
             rows.append(
                 f"{d.name:<28} {'x'.join(map(str, d.shape)):<18} {d.density:>8.4f} "
@@ -180,11 +181,27 @@ class SparseModel(nn.Module):
             )
         return "\n".join(rows)
 
+    def chains(self) -> dict[str, SparseChain]:
+        """The `SparseChain`s by name."""
+        return {m.name: m for m in self.net.modules() if isinstance(m, SparseChain)}
+
+    def layer_modes(self) -> dict[str, str]:
+        """How each converted layer runs: "chain" (inside a fused SparseChain, always with the
+        sparse kernel), "sparse" or "dense" (its own call)."""
+        chains = self.chains()
+        out = {}
+        for d in self.decisions:
+            chain = chains.get(d.chain)
+            out[d.name] = "chain" if chain is not None and chain.mode == "fused" else d.mode
+        return out
+
     def extra_repr(self) -> str:
-        n_sparse = sum(d.mode == "sparse" for d in self.decisions)
+        modes = list(self.layer_modes().values())
+        n_sparse = sum(m in ("sparse", "chain") for m in modes)
+        n_chain = sum(m == "chain" for m in modes)
         return (
-            f"{n_sparse} of {len(self.decisions)} layers sparse (batch {self.batch_size}); "
-            "see .summary()"
+            f"{n_sparse} of {len(modes)} layers sparse, {n_chain} of them in "
+            f"{len(self.chains())} chain(s) (batch {self.batch_size}); see .summary()"
         )
 
 
