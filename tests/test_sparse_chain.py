@@ -69,10 +69,14 @@ def build_chain(seed: int = 0, steps=STEPS, output: int | None = None):
 
 
 @pytest.mark.parametrize("n", [1, 5, 16, 21, 37])
-@pytest.mark.parametrize("policy", ["auto", "blocked", "spatial"])
+@pytest.mark.parametrize("policy", ["auto", "blocked", "spatial", "blocked-no-wavefront"])
 def test_chain_matches_conv2d(n, policy):
+    """Ops 0-2 and 5-7 are same-size segments (row-band wavefront in the blocked layout:
+    3x3, 5x5 (two rows of look-ahead) and 1x1 convs, residuals from inside and outside the
+    segment); ops 3, 4 (stride 2) and 8 (shrinks the map) run alone."""
     chain, reference = build_chain()
-    chain.policy = policy
+    chain.policy = policy.removesuffix("-no-wavefront")
+    chain.wavefront = not policy.endswith("-no-wavefront")
     x = torch.randn(n, 3, 13, 11)  # non-square, odd sizes: partial chunks everywhere
     with torch.no_grad():
         got = chain(x)

@@ -455,6 +455,9 @@ class SparseChain(nn.Module):
     their own modes (what the autotune compares against; also the path without the C++
     kernels). `policy` ("auto", "blocked", "spatial") forces one layout of the executor
     (tests); "auto" puts full groups of 16 in the blocked layout and the rest spatial.
+    Inside a group, consecutive stride-1 convs that keep the map size (a ResNet stage) run
+    as a row-band wavefront: each conv computes the next two rows its inputs already have,
+    so values are read back while still in L2 (`wavefront = False`: conv after conv).
 
     Example:
         >>> import torch
@@ -497,6 +500,9 @@ class SparseChain(nn.Module):
         # with fewer image groups than threads (batch 1), ops of at least this many MACs
         # split their output channels between threads; -1: never (set by the autotune)
         self.split_work = -1
+        # same-size runs of convs as row-band wavefronts (values read back while in L2);
+        # False: conv after conv (the same result; for comparison)
+        self.wavefront = True
         self.name = ""  # unique in the converted model (LayerDecision.chain refers to it)
         self.fused_ms: float | None = None  # autotune times of the whole chain
         self.layers_ms: float | None = None
@@ -563,7 +569,9 @@ class SparseChain(nn.Module):
                 out = None
                 if self.pool is not None and self.slot is not None:
                     out = self.pool.get(self.slot, self.output_shape(x.shape))
-                return ex.forward(x, POLICIES.index(self.policy), self.split_work, out)
+                return ex.forward(
+                    x, POLICIES.index(self.policy), self.split_work, out, self.wavefront
+                )
         values = [x]
         for layer, (src, res) in zip(self.layers, self.steps, strict=True):
             # a module call (not .compute): the autotune's hooks see each layer's input

@@ -538,6 +538,7 @@ struct ChainPlan {
   std::vector<char> in_place;               // spatial: input read in place (s == 1, p == B)
   // Slots: values of the same shape share one when their lifetimes do not overlap; a slot
   // never changes shape, so its zero border is written once per thread (first use).
+  std::vector<int64_t> seg;                 // op -> segment (see run_blocked)
   std::vector<int64_t> slot;                // value -> slot
   std::vector<int64_t> boff, soff;          // slot -> offset (floats) in a task's scratch
   int64_t btotal = 0, stotal = 0, sprep = 0;  // floats per task: blocked / spatial (+ prep)
@@ -630,6 +631,7 @@ void bchunk(const float* __restrict src, const int64_t* __restrict offs,
 using BChunkFn = void (*)(const float*, const int64_t*, const float*, int64_t, float,
                           const float*, float*, bool, int64_t, int64_t, int64_t);
 constexpr int kMaxV = 8;  // output pixels per chunk row (see blocked_op)
+constexpr int64_t kBand = 2;  // output rows an op computes per wavefront round
 
 template <int R, int S, int... Vs>
 constexpr std::array<BChunkFn, sizeof...(Vs)> bchunk_row(std::integer_sequence<int, Vs...>) {
@@ -668,14 +670,14 @@ void zero_border(float* buf, int64_t C, int64_t H, int64_t W, int64_t B, int64_t
 // batch 64, one thread, all convs: one row of 16 pixels 5.27 ms, one row of 8 5.03 ms.
 void blocked_op(const ChainOp& op, const std::vector<int64_t>& offs, const float* in,
                 const ValueGeom& gi, float* out, const ValueGeom& go, const float* res,
-                int64_t B, int64_t o0, int64_t o1) {
+                int64_t B, int64_t o0, int64_t o1, int64_t ya, int64_t yb) {
   const int64_t Wbi = gi.W + 2 * B, Wbo = go.W + 2 * B, Hbo = go.H + 2 * B, s = op.s;
   const int kind = s == 1 ? 0 : s == 2 ? 1 : 2;
   const int64_t pieces = (go.W + kMaxV - 1) / kMaxV;
   const int64_t chunk = (go.W + pieces - 1) / pieces;
   const int64_t in_row = s * Wbi * kVec, out_row = Wbo * kVec;
-  for (int64_t y = 0; y < go.H; y += 2) {
-    const int64_t rows = std::min<int64_t>(2, go.H - y);
+  for (int64_t y = ya; y < yb; y += 2) {
+    const int64_t rows = std::min<int64_t>(2, yb - y);
     for (int64_t x0 = 0; x0 < go.W; x0 += chunk) {
       const int64_t V = std::min<int64_t>(chunk, go.W - x0);
       const BChunkFn fn = kBChunk[rows - 1][kind][V - 1];
@@ -774,8 +776,10 @@ class SparseChainExec {
   // group) reach this splits its output channels between the threads (-1: never).
   // out: a reusable (N, C, H, W) float32 contiguous buffer for the result, or empty
   // (a fresh multi-MB tensor per call costs page faults: ~1 ms per 4 MB here).
+  // wavefront: run same-size segments as row-band wavefronts (blocked layout; False: op
+  // after op, for comparison).
   torch::Tensor forward(torch::Tensor x, int64_t policy, int64_t split_work,
-                        std::optional<torch::Tensor> out_buffer) {
+                        std::optional<torch::Tensor> out_buffer, bool wavefront) {
     TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x must be (N, C, H, W) float32");
     TORCH_CHECK(policy >= 0 && policy <= 2, "policy must be 0 (auto), 1 (blocked), 2 (spatial)");
     x = x.contiguous();
@@ -798,7 +802,7 @@ class SparseChainExec {
     auto run_task = [&](int64_t t, int64_t split) {
       if (t < groups) {
         Scratch& sc = scratch(plan, true, plan.btotal, nslots);
-        run_blocked(plan, xp, N, t * kVec, sc, op, split);
+        run_blocked(plan, xp, N, t * kVec, sc, op, split, wavefront);
       } else {
         Scratch& sc = scratch(plan, false, plan.stotal + plan.sprep, nslots);
         run_single(plan, xp, first_single + (t - groups), sc, op, split);
@@ -884,15 +888,33 @@ class SparseChainExec {
       plan.sused.push_back(std::move(used));
       plan.in_place.push_back(ip);
     }
-    // a value's slot is free once the last op reading it has run (an op never writes over
-    // its own input or residual); only a slot of the same shape is reused
+    // Segments: consecutive stride-1 ops that keep the map size (ResNet-20: conv1 and stage 1,
+    // then stage 2's and stage 3's same-size convs) run as a row-band wavefront in the
+    // blocked layout (run_blocked); every other op is a segment of its own.
+    plan.seg.assign(n, 0);
+    for (int64_t k = 1; k < n; ++k) {
+      auto same = [&](int64_t q) {
+        const ValueGeom &a = plan.values[ops_[q].in], &b = plan.values[q + 1];
+        return ops_[q].s == 1 && a.H == b.H && a.W == b.W;
+      };
+      const bool join = same(k) && same(k - 1) &&
+                        plan.values[k].H == plan.values[k + 1].H &&
+                        plan.values[k].W == plan.values[k + 1].W;
+      plan.seg[k] = plan.seg[k - 1] + (join ? 0 : 1);
+    }
+    // A value's slot is free once the segment of the last op reading it has run (ops of a
+    // segment run interleaved, so they count as simultaneous; an op never writes over its
+    // own input or residual); only a slot of the same shape is reused.
+    std::vector<int64_t> last_seg(n + 1, -1);
+    for (int64_t v = 0; v <= n; ++v)
+      last_seg[v] = last_[v] >= n ? INT64_MAX : last_[v] < 0 ? -1 : plan.seg[last_[v]];
     std::vector<int64_t> holder;  // slot -> value now in it
     plan.slot.assign(n + 1, -1);
     auto take = [&](int64_t v, int64_t now) {
       const ValueGeom& g = plan.values[v];
       for (size_t sl = 0; sl < holder.size(); ++sl) {
         const ValueGeom& h = plan.values[holder[sl]];
-        if (last_[holder[sl]] < now && h.C == g.C && h.H == g.H && h.W == g.W) {
+        if (last_seg[holder[sl]] < now && h.C == g.C && h.H == g.H && h.W == g.W) {
           holder[sl] = v;
           return static_cast<int64_t>(sl);
         }
@@ -906,15 +928,15 @@ class SparseChainExec {
       plan.stotal += (ssize + 15) / 16 * 16;
       return static_cast<int64_t>(holder.size() - 1);
     };
-    plan.slot[0] = take(0, 0);
-    for (int64_t k = 0; k < n; ++k) plan.slot[k + 1] = take(k + 1, k);
+    plan.slot[0] = take(0, -1);
+    for (int64_t k = 0; k < n; ++k) plan.slot[k + 1] = take(k + 1, plan.seg[k]);
     plan.id = g_plan_ids.fetch_add(1);
     return plans_.emplace(key, std::move(plan)).first->second;
   }
 
   // Images [n0, n0 + 16) (zeros beyond N) through the chain in the blocked layout.
   void run_blocked(const ChainPlan& plan, const float* xp, int64_t N, int64_t n0, Scratch& sc,
-                   float* outp, int64_t split) const {
+                   float* outp, int64_t split, bool wavefront) const {
     const int64_t B = B_, lanes = std::min<int64_t>(kVec, N - n0);
     float* base = sc.base();
     auto buf = [&](int64_t v) { return base + plan.boff[plan.slot[v]]; };
@@ -955,21 +977,64 @@ class SparseChainExec {
 #endif
         }
     }
-    for (size_t k = 0; k < ops_.size(); ++k) {
+    // Rows [ya, yb) of op k.
+    auto rows = [&](size_t k, int64_t ya, int64_t yb) {
       const ChainOp& op = ops_[k];
       const ValueGeom &gi = plan.values[op.in], &go = plan.values[k + 1];
       float* out = buf(k + 1);
-      border(k + 1);
       const float* res = op.res >= 0 ? buf(op.res) : nullptr;
-      const int64_t work = op.nnz * go.H * go.W;
+      const int64_t work = op.nnz * (yb - ya) * go.W;
       const auto t0 = profile_ ? Clock::now() : Clock::time_point{};
       if (split >= 0 && work >= split)
         at::parallel_for(0, op.O, 1, [&](int64_t b, int64_t e) {
-          blocked_op(op, plan.boffs[k], buf(op.in), gi, out, go, res, B, b, e);
+          blocked_op(op, plan.boffs[k], buf(op.in), gi, out, go, res, B, b, e, ya, yb);
         });
       else
-        blocked_op(op, plan.boffs[k], buf(op.in), gi, out, go, res, B, 0, op.O);
+        blocked_op(op, plan.boffs[k], buf(op.in), gi, out, go, res, B, 0, op.O, ya, yb);
       if (profile_) record(k, t0);
+    };
+    // Segment by segment. Inside a segment, a row-band wavefront: round after round, each
+    // op computes the next rows its input (and residual) already has, so every row is read
+    // by the next op while it is still in L2 (a whole value of 16 images is MBs: computed
+    // op after op, the next op read it back from L3).
+    const size_t n = ops_.size();
+    std::vector<int64_t> done(n + 1, 0);  // value -> rows computed (value 0: all)
+    done[0] = plan.values[0].H;
+    for (size_t k0 = 0; k0 < n;) {
+      size_t k1 = k0 + 1;
+      while (k1 < n && plan.seg[k1] == plan.seg[k0]) ++k1;
+      for (size_t k = k0; k < k1; ++k) border(k + 1);
+      if (k1 - k0 == 1 || !wavefront) {
+        for (size_t k = k0; k < k1; ++k) {
+          rows(k, 0, plan.values[k + 1].H);
+          done[k + 1] = plan.values[k + 1].H;
+        }
+      } else {
+        for (bool left = true; left;) {
+          left = false;
+          bool moved = false;
+          for (size_t k = k0; k < k1; ++k) {
+            const ChainOp& op = ops_[k];
+            const int64_t H = plan.values[k + 1].H, Hin = plan.values[op.in].H;
+            const int64_t y0 = done[k + 1];
+            if (y0 == H) continue;
+            int64_t y1 = std::min(H, y0 + kBand);
+            auto ready = [&](int64_t y_end) {  // rows [0, y_end) computable?
+              const int64_t need = std::min(Hin, (y_end - 1) * op.s - op.p + op.kh);
+              return done[op.in] >= need && (op.res < 0 || done[op.res] >= y_end);
+            };
+            while (y1 > y0 && !ready(y1)) --y1;
+            if (y1 > y0) {
+              rows(k, y0, y1);
+              done[k + 1] = y1;
+              moved = true;
+            }
+            left = left || done[k + 1] < H;
+          }
+          TORCH_CHECK(moved || !left, "chain wavefront stalled (internal error)");
+        }
+      }
+      k0 = k1;
     }
     const ValueGeom& g = plan.values[output_];
     const int64_t Hb = g.H + 2 * B, Wb = g.W + 2 * B;
@@ -1099,7 +1164,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("rowptrs"), py::arg("cols"), py::arg("values"), py::arg("biases"),
            py::arg("specs"), py::arg("output"))
       .def("forward", &SparseChainExec::forward, py::arg("x"), py::arg("policy") = 0,
-           py::arg("split_work") = -1, py::arg("out") = py::none(),
+           py::arg("split_work") = -1, py::arg("out") = py::none(), py::arg("wavefront") = true,
            py::call_guard<py::gil_scoped_release>())
       .def("border", &SparseChainExec::border)
       .def("set_profile", &SparseChainExec::set_profile, py::arg("on"))
