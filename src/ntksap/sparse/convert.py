@@ -64,7 +64,14 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ntksap.sparse import _ext
-from ntksap.sparse.layers import BufferPool, SparseChain, SparseConv2d, SparseLinear, _SparseBase
+from ntksap.sparse.layers import (
+    BufferPool,
+    InferenceOnly,
+    SparseChain,
+    SparseConv2d,
+    SparseLinear,
+    _SparseBase,
+)
 
 __all__ = ["LayerDecision", "SparseModel", "convert"]
 
@@ -99,7 +106,7 @@ class _Context:
     chain: bool = True  # form SparseChains at all
 
 
-class SparseModel(nn.Module):
+class SparseModel(InferenceOnly):
     """The inference-only module `convert` returns: `net` (the converted network) and the
     per-layer `decisions`. Always in eval mode; `train()` raises, and so does an input that
     requires grad while grad mode is on."""
@@ -132,14 +139,6 @@ class SparseModel(nn.Module):
             )
         with torch.no_grad():
             return self.net(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> SparseModel:
-        if mode:
-            raise RuntimeError(
-                "ntksap.sparse modules are inference-only and cannot train; train the masked "
-                "dense model (ntksap.apply_masks) and convert it again"
-            )
-        return super().train(False)
 
     def layers(self) -> dict[str, _SparseBase]:
         """Converted layers by their name in the original model."""

@@ -75,6 +75,29 @@ def _from_csr(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, sha
     return dense.reshape(shape)
 
 
+class InferenceOnly(nn.Module):
+    """Modules of ntksap.sparse: always in eval mode; `train()` raises."""
+
+    def train(self, mode: bool = True) -> Self:
+        if mode:
+            raise RuntimeError(
+                "ntksap.sparse modules are inference-only and cannot train; train the masked "
+                "dense model (ntksap.apply_masks) and convert it again"
+            )
+        return super().train(False)
+
+
+def check_input(x: torch.Tensor) -> None:
+    """The input checks of the sparse layers: float32, and no gradient wanted."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(
+            "ntksap.sparse modules are inference-only: the input requires grad; run "
+            "under torch.no_grad() / torch.inference_mode(), or train the masked dense model"
+        )
+    if x.dtype != torch.float32:
+        raise TypeError(f"ntksap.sparse computes in float32, got input of dtype {x.dtype}")
+
+
 class BufferPool:
     """Output buffers reused across forward calls, per thread and slot.
 
@@ -117,7 +140,7 @@ class BufferPool:
         return BufferPool()  # buffers are scratch space: a copy starts empty
 
 
-class _SparseBase(nn.Module):
+class _SparseBase(InferenceOnly):
     """Shared parts: CSR buffers, mode, fused ReLU / residual flags, the dense fallback."""
 
     rowptr: torch.Tensor
@@ -235,26 +258,12 @@ class _SparseBase(nn.Module):
         return y.relu_() if self.relu else y
 
     def _check(self, x: torch.Tensor, residual: torch.Tensor | None) -> None:
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                "ntksap.sparse modules are inference-only: the input requires grad; run "
-                "under torch.no_grad() / torch.inference_mode(), or train the masked dense model"
-            )
-        if x.dtype != torch.float32:
-            raise TypeError(f"ntksap.sparse computes in float32, got input of dtype {x.dtype}")
+        check_input(x)
         if self.residual != (residual is not None):
             raise TypeError(
                 f"{type(self).__name__} built with residual={self.residual} was called "
                 f"{'without' if residual is None else 'with'} a residual input"
             )
-
-    def train(self, mode: bool = True) -> _SparseBase:
-        if mode:
-            raise RuntimeError(
-                "ntksap.sparse modules are inference-only and cannot train; train the "
-                "masked dense model and convert it again"
-            )
-        return super().train(False)
 
     def config(self) -> dict[str, Any]:
         """The JSON-able constructor settings (for save / load)."""
@@ -440,7 +449,7 @@ POLICIES = ("auto", "blocked", "spatial")
 CHAIN_MODES = ("fused", "layers")
 
 
-class SparseChain(nn.Module):
+class SparseChain(InferenceOnly):
     """A run of `SparseConv2d` layers executed in ONE C++ call (the "chain executor").
 
     `steps[k] = (in, res)`: layer k reads value `in` and adds value `res` (-1: none) in its
@@ -550,13 +559,7 @@ class SparseChain(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.is_tensor(x) or x.dim() != 4:
             raise TypeError("a SparseChain takes one (N, C, H, W) tensor")
-        if x.dtype != torch.float32:
-            raise TypeError(f"ntksap.sparse computes in float32, got input of dtype {x.dtype}")
-        if x.requires_grad and torch.is_grad_enabled():
-            raise RuntimeError(
-                "ntksap.sparse modules are inference-only: the input requires grad; run "
-                "under torch.no_grad() / torch.inference_mode()"
-            )
+        check_input(x)
         return self.compute(self.mode, x)
 
     def compute(self, mode: str, x: torch.Tensor) -> torch.Tensor:
@@ -577,14 +580,6 @@ class SparseChain(nn.Module):
             # a module call (not .compute): the autotune's hooks see each layer's input
             values.append(layer(values[src], None if res < 0 else values[res]))
         return values[self.output]
-
-    def train(self, mode: bool = True) -> SparseChain:
-        if mode:
-            raise RuntimeError(
-                "ntksap.sparse modules are inference-only and cannot train; train the "
-                "masked dense model and convert it again"
-            )
-        return super().train(False)
 
     def __getstate__(self) -> dict[str, Any]:
         # the C++ executor holds raw pointers into this module's tensors: never copied or

@@ -934,20 +934,25 @@ class SparseChainExec {
     return plans_.emplace(key, std::move(plan)).first->second;
   }
 
+  // Value v's zero border in this thread's scratch (blocked: 16 lanes; spatial: 1 lane and
+  // the extra row the NCHW kernel's strips may touch), written once per slot: nothing
+  // writes a border afterwards, and a slot never changes shape.
+  void zero_border_once(Scratch& sc, const ChainPlan& plan, int64_t v, float* buf,
+                        bool blocked) const {
+    char& done = sc.zeroed[plan.slot[v]];
+    if (done) return;
+    const ValueGeom& g = plan.values[v];
+    zero_border(buf, g.C, g.H, g.W, B_, blocked ? kVec : 1, blocked ? 0 : 1);
+    done = 1;
+  }
+
   // Images [n0, n0 + 16) (zeros beyond N) through the chain in the blocked layout.
   void run_blocked(const ChainPlan& plan, const float* xp, int64_t N, int64_t n0, Scratch& sc,
                    float* outp, int64_t split, bool wavefront) const {
     const int64_t B = B_, lanes = std::min<int64_t>(kVec, N - n0);
     float* base = sc.base();
     auto buf = [&](int64_t v) { return base + plan.boff[plan.slot[v]]; };
-    auto border = [&](int64_t v) {  // once per slot and thread
-      char& z = sc.zeroed[plan.slot[v]];
-      if (!z) {
-        const ValueGeom& g = plan.values[v];
-        zero_border(buf(v), g.C, g.H, g.W, B, kVec, 0);
-        z = 1;
-      }
-    };
+    auto border = [&](int64_t v) { zero_border_once(sc, plan, v, buf(v), true); };
     {  // the input, interleaved
       const ValueGeom& g = plan.values[0];
       const int64_t Hb = g.H + 2 * B, Wb = g.W + 2 * B;
@@ -1068,14 +1073,7 @@ class SparseChainExec {
     float* base = sc.base();
     auto buf = [&](int64_t v) { return base + plan.soff[plan.slot[v]]; };
     float* prep_buf = base + plan.stotal;
-    auto border = [&](int64_t v) {  // once per slot and thread
-      char& z = sc.zeroed[plan.slot[v]];
-      if (!z) {
-        const ValueGeom& g = plan.values[v];
-        zero_border(buf(v), g.C, g.H, g.W, B, 1, 1);
-        z = 1;
-      }
-    };
+    auto border = [&](int64_t v) { zero_border_once(sc, plan, v, buf(v), false); };
     auto interior = [&](int64_t v) {
       const ValueGeom& g = plan.values[v];
       return buf(v) + B * (g.W + 2 * B) + B;
