@@ -174,8 +174,10 @@ class SparseModel(InferenceOnly):
             )
         for name, chain in chains.items():
             rows.append(
-                f"{name}: {len(chain.layers)} convs in one C++ call, mode {chain.mode} "
-                f"(whole chain: fused {_ms(chain.fused_ms)} ms, layer by layer "
+                f"{name}: {len(chain.layers)} convs in one C++ call, mode {chain.mode}, "
+                f"layout {chain.policy}"
+                + (f", ops of >= {chain.split_work} MACs split" if chain.split_work >= 0 else "")
+                + f" (whole chain: fused {_ms(chain.fused_ms)} ms, layer by layer "
                 f"{_ms(chain.layers_ms)} ms)"
             )
         return "\n".join(rows)
@@ -705,17 +707,25 @@ def _autotune(ctx: _Context, model: SparseModel, example: tuple[Any, ...]) -> No
             def run_chain(mode: str, chain: SparseChain = chain, args: tuple = args) -> Any:
                 return chain.compute(mode, *args)
 
-            # fewer groups of 16 images than threads (small batches): should big ops split
-            # their output channels between the threads? (-1: never)
+            # The executor's settings, by measurement: the blocked layout for full groups of
+            # 16 images ("auto") or the NCHW kernel for every image ("spatial", better when
+            # groups cannot keep every thread busy, e.g. batch 16 on 2 threads); and with
+            # fewer images than threads, whether big ops split their output channels
+            # between the threads (-1: never).
             x = args[0]
+            small = torch.is_tensor(x) and x.dim() == 4 and x.shape[0] < torch.get_num_threads()
+            settings = [("auto", -1), ("spatial", -1)]
             if torch.is_tensor(x) and x.dim() == 4 and x.shape[0] // 16 < torch.get_num_threads():
-                splits = {}
-                for work in (-1, 1 << 16, 1 << 19):
-                    chain.split_work = work
-                    splits[work] = _time_pair_ms({"fused": functools.partial(run_chain, "fused")})[
-                        "fused"
-                    ]
-                chain.split_work = min(splits, key=splits.get)  # type: ignore[arg-type]
+                settings += [("auto", 1 << 16), ("auto", 1 << 19)]
+            if small:
+                settings += [("spatial", 1 << 16), ("spatial", 1 << 19)]
+            tried = {}
+            for policy, work in settings:
+                chain.policy, chain.split_work = policy, work
+                tried[(policy, work)] = _time_pair_ms(
+                    {"fused": functools.partial(run_chain, "fused")}
+                )["fused"]
+            chain.policy, chain.split_work = min(tried, key=tried.get)  # type: ignore[arg-type]
             times = _time_pair_ms({m: functools.partial(run_chain, m) for m in ("fused", "layers")})
             chain.fused_ms, chain.layers_ms = times["fused"], times["layers"]
             chain.set_mode(min(times, key=times.get))  # type: ignore[arg-type]

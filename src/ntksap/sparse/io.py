@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ntksap.sparse.convert import LayerDecision, SparseModel, _assign_buffers, decisions_json
-from ntksap.sparse.layers import SparseChain, SparseConv2d, SparseLinear, _SparseBase
+from ntksap.sparse.layers import POLICIES, SparseChain, SparseConv2d, SparseLinear, _SparseBase
 
 __all__ = ["FORMAT", "load", "save"]
 
@@ -140,6 +140,7 @@ class _Writer:
                 "output": module.output,
                 "mode": module.mode,
                 "split_work": module.split_work,
+                "policy": module.policy,
                 "fused_ms": module.fused_ms,
                 "layers_ms": module.layers_ms,
             }
@@ -321,6 +322,10 @@ class _Reader:
             )
             chain.name = str(spec.get("name", ""))
             chain.split_work = int(spec.get("split_work", -1))
+            policy = spec.get("policy", "auto")
+            if policy not in POLICIES:
+                raise ValueError(f"chain policy {policy!r} in the file is not one of {POLICIES}")
+            chain.policy = policy
             chain.fused_ms, chain.layers_ms = spec.get("fused_ms"), spec.get("layers_ms")
             return chain.eval()
         if kind == "graph":
