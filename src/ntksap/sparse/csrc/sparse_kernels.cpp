@@ -198,6 +198,22 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
   if (c_end == g.C) std::memset(dst_grp + g.C * s * s * G * plane, 0, sizeof(float) * kSlack);
 }
 
+// Strip offset of every nonzero (CSR column c * kh * kw + dy * kw + dx) inside a group's
+// prepared planes (G images, layout of prepare_group), and which polyphase components
+// (`used`, s * s entries) some nonzero reads.
+void strip_offsets(const int32_t* cp, int64_t nnz, const ConvGeometry& g, int64_t G,
+                   std::vector<char>& used, std::vector<int64_t>& offs) {
+  const int64_t s = g.s, khw = g.kh * g.kw;
+  offs.resize(nnz);
+  for (int64_t j = 0; j < nnz; ++j) {
+    const int64_t cc = cp[j] / khw, r = cp[j] % khw, dy = r / g.kw, dx = r % g.kw;
+    TORCH_CHECK(cp[j] >= 0 && cc < g.C, "column index beyond in_channels * kh * kw");
+    const int64_t ph = (dy % s) * s + (dx % s);
+    used[ph] = 1;
+    offs[j] = ((cc * s * s + ph) * G) * g.plane + (dy / s) * g.Wq + (dx / s);
+  }
+}
+
 void dispatch_chunk(int64_t vecs, const float* base, const int64_t* offs, const float* vals,
                     int64_t n, float* acc) {
   switch (vecs) {
@@ -371,17 +387,9 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   // which polyphase components are read at all.
   const int64_t nnz = col.numel();
   const int32_t* cp = col.data_ptr<int32_t>();
-  const int64_t khw = kh * kw;
   std::vector<char> used(s * s, 0);
   auto offsets = [&](int64_t gsize, std::vector<int64_t>& offs) {
-    offs.resize(nnz);
-    for (int64_t j = 0; j < nnz; ++j) {
-      const int64_t cc = cp[j] / khw, r = cp[j] % khw, dy = r / kw, dx = r % kw;
-      TORCH_CHECK(cp[j] >= 0 && cc < g.C, "column index beyond in_channels * kh * kw");
-      const int64_t ph = (dy % s) * s + (dx % s);
-      used[ph] = 1;
-      offs[j] = ((cc * s * s + ph) * gsize) * g.plane + (dy / s) * g.Wq + (dx / s);
-    }
+    strip_offsets(cp, nnz, g, gsize, used, offs);
   };
   std::vector<int64_t> offs_full, offs_last;
   offsets(G, offs_full);
@@ -875,13 +883,8 @@ class SparseChainExec {
       g.rsC = g.osC, g.rsH = g.osH, g.rsN = g.osN;
       const char ip = op.s == 1 && op.p == B;
       std::vector<char> used(op.s * op.s, 0);
-      std::vector<int64_t> so(op.nnz);
-      for (int64_t j = 0; j < op.nnz; ++j) {
-        const int64_t cc = op.cp[j] / khw, r = op.cp[j] % khw, dy = r / op.kw, dx = r % op.kw;
-        const int64_t ph = (dy % op.s) * op.s + (dx % op.s);
-        used[ph] = 1;
-        so[j] = (cc * op.s * op.s + ph) * g.plane + (dy / op.s) * g.Wq + (dx / op.s);
-      }
+      std::vector<int64_t> so;
+      strip_offsets(op.cp, op.nnz, g, 1, used, so);
       if (!ip) plan.sprep = std::max(plan.sprep, gi.C * op.s * op.s * g.plane + kSlack);
       plan.sgeom.push_back(g);
       plan.soffs.push_back(std::move(so));
