@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ntksap.files import atomic_write, check_new_file, read_json
-from ntksap.masks import MaskError, Masks
+from ntksap.masks import MaskError, Masks, check_input_shape
 
 __all__ = [
     "FORMATS",
@@ -165,10 +165,12 @@ def _zoo_name(masks: Masks, where: Path, model: str | None) -> str:
 def _build(name: str, masks: Masks | None, shape: Sequence[int], classes: int, seed: int):
     from ntksap.runs import build_model
 
-    model = build_model(name, classes, tuple(shape), seed)
-    if masks is not None:
-        masks.check_covers(model)
-    return model
+    if masks is None:  # a dense run: the sizes come from the data set, not from a file
+        return build_model(name, classes, tuple(shape), seed)
+    # the sizes come from the mask file's metadata: checked against its masks before the
+    # real model (and its example input) is allocated
+    check_input_shape(shape, "the masks' input_shape", MaskError)
+    return masks.build_fitting(lambda: build_model(name, classes, tuple(shape), seed))
 
 
 def _mask_source(path: Path, model: str | None) -> Source:

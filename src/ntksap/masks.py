@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,40 @@ _METADATA_TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+#: The most elements one input example may have when its shape comes from a file (64 MiB of
+#: float32; ImageNet's 3x224x224 is 150,528): a shape in a file's metadata is data, and the
+#: model and example built from it must not allocate more than a real input needs.
+MAX_INPUT_ELEMENTS = 1 << 24
+
+
+def check_input_shape(
+    shape: Any, what: str, error: type[Exception] = ValueError
+) -> tuple[int, ...]:
+    """`shape` as a tuple of 1 to 4 positive ints whose product is at most
+    `MAX_INPUT_ELEMENTS`, else `error` naming `what`, the rule and the value.
+
+    Example:
+        >>> check_input_shape([3, 32, 32], "input_shape")
+        (3, 32, 32)
+    """
+    ok = (
+        isinstance(shape, list | tuple)
+        and 1 <= len(shape) <= 4
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+    )
+    if not ok:
+        raise error(f"{what} must be a list of 1 to 4 positive integers, got {shape!r}")
+    n = 1
+    for d in shape:
+        n *= d
+    if n > MAX_INPUT_ELEMENTS:
+        raise error(
+            f"{what} {list(shape)} has {n} elements per example, more than the "
+            f"{MAX_INPUT_ELEMENTS} allowed from a file"
+        )
+    return tuple(shape)
+
+
 def check_metadata(metadata: Any, where: str = "masks") -> None:
     """Raise MaskError unless `metadata` is a JSON object whose known entries have their types."""
     if not isinstance(metadata, dict):
@@ -63,6 +97,25 @@ def check_metadata(metadata: Any, where: str = "masks") -> None:
             raise MaskError(
                 f"{where}: mask metadata {key!r} must be {want}, got {type(v).__name__} {v!r}"
             )
+    shape = metadata.get("input_shape")
+    if shape is not None:
+        check_input_shape(shape, f"{where}: mask metadata 'input_shape'", MaskError)
+    args = metadata.get("model_args")
+    if args is not None:
+        if not isinstance(args, dict):
+            raise MaskError(
+                f"{where}: mask metadata 'model_args' must be a JSON object of the zoo model's "
+                f"keywords, got {type(args).__name__} {args!r}"
+            )
+        for key in ("num_classes", "in_channels"):
+            v = args.get(key)
+            if v is not None and (
+                not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= MAX_INPUT_ELEMENTS
+            ):
+                raise MaskError(
+                    f"{where}: mask metadata 'model_args.{key}' must be an integer in "
+                    f"[1, {MAX_INPUT_ELEMENTS}], got {v!r}"
+                )
     targets = metadata.get("targets")
     if targets is not None:
         ok = isinstance(targets.get("include_bias", False), bool) and all(
@@ -277,6 +330,23 @@ class Masks(Mapping[str, torch.Tensor]):
                 f"{', '.join(uncovered[:6])}{' ...' if len(uncovered) > 6 else ''}. Prune "
                 "this model (ntksap prune/run), or use masks made for it"
             )
+
+    def build_fitting(self, factory: Callable[[], nn.Module]) -> nn.Module:
+        """`factory()`, called first on the meta device (no memory): the masks must fit that
+        model (names, shapes, the whole prunable set; `check_covers`) before the real one is
+        built. Sizes read from a file (a mask's `model_args`, `input_shape`) thus never
+        allocate more than the file's own masks describe.
+
+        Example:
+            >>> from torch import nn
+            >>> m = Masks({"weight": torch.ones(2, 3, dtype=torch.bool)})
+            >>> m.build_fitting(lambda: nn.Linear(3, 2, bias=False)).weight.shape
+            torch.Size([2, 3])
+        """
+        with torch.device("meta"):
+            probe = factory()
+        self.check_covers(probe)
+        return factory()
 
     def check_model(self, model: nn.Module) -> None:
         """Raise MaskError unless every mask names a parameter of `model` with the same shape."""
