@@ -28,6 +28,19 @@ def _net() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
 
 
+# --- sweep-config: a sweep file's tables as a dict, run (nothing may be written) ---
+SWEEP = ["sweep", "--dataset", "digits", "--methods", "random", "--sparsities", "0.5",
+         "--out", "sw"]  # fmt: skip
+
+
+def _sweep_dict(**tables: object) -> None:
+    from ntksap.experiments import sweep as sw
+
+    raw = {"run": {"dataset": "digits"}, "grid": {"methods": ["random"], "sparsities": [0.5]}}
+    raw.update(tables)
+    sw.run_sweep(sw.Sweep.from_dict(raw), "sw", log=lambda _m: None)
+
+
 CASES: list[tuple[str, object, list[str]]] = [
     # --- command line: prune ---
     ("prune nan sparsity", [*PRUNE, "--sparsity", "nan"], ["finite"]),
@@ -87,6 +100,32 @@ CASES: list[tuple[str, object, list[str]]] = [
      ["would be ignored"]),
     ("spectrum foreign mask", [*SPEC, "--masks", "r20.safetensors"], ["resnet20"]),
     ("spectrum duplicate method", [*SPEC, "--methods", "random,random"], ["twice"]),
+    # --- sweep-config: sweep files, --set / --axis ---
+    ("sweep-config exclude a string", [*SWEEP, "--set", "exclude=layers.5*"],
+     ["[run] exclude", "list of patterns", "'layers.5*'"]),
+    ("sweep-config list for one value", [*SWEEP, "--set", "rounds=[1,5]"],
+     ["rounds must be one value", "[1, 5]"]),
+    ("sweep-config nan setting", [*SWEEP, "--set", "lr=nan"], ["[train] lr", "finite", "nan"]),
+    ("sweep-config alias as two axes", [*SWEEP, "--axis", "train.lr=0.1,0.2", "--axis", "lr=0.3"],
+     ["--axis train.lr", "--axis lr"]),
+    ("sweep-config 1 and 1.0", [*SWEEP, "--axis", "lr=1,1.0"], ["repeats a value", "1 and 1.0"]),
+    ("sweep-config axis of pattern strings", [*SWEEP, "--axis", "exclude=a*,b*"],
+     ["[grid.axes] exclude", "list of patterns", "'a*'"]),
+    ("sweep-config methods a string", _library(lambda: _sweep_dict(
+     grid={"methods": "random", "sparsities": [0.5]})), ["[grid] methods", "list", "'random'"]),
+    ("sweep-config table as a list", _library(lambda: _sweep_dict(run=["digits"])),
+     ["[run] must be a table", "a list"]),
+    ("sweep-config list as a table", _library(lambda: _sweep_dict(grid={"methods": ["random"],
+     "sparsities": [0.5], "axes": {"rounds": {"first": 1}}})),
+     ["[grid.axes] rounds must be a list", "a table"]),
+    ("sweep-config scalar seeds", _library(lambda: _sweep_dict(grid={"methods": ["random"],
+     "sparsities": [0.5], "seeds": 3})), ["[grid] seeds must be a list", "3"]),
+    ("sweep-config sparsity a string", _library(lambda: _sweep_dict(grid={
+     "methods": ["random"], "sparsities": ["0.5"]})), ["[grid] sparsities", "numbers", "'0.5'"]),
+    ("sweep-config density a bool", _library(lambda: _sweep_dict(grid={
+     "methods": ["random"], "densities": [True]})), ["[grid] densities", "true/false"]),
+    ("sweep-config inf compression", _library(lambda: _sweep_dict(grid={
+     "methods": ["random"], "compression": [float("inf")]})), ["[grid] compression", "finite"]),
     # --- library ---
     ("prune nan", _library(lambda: ntksap.prune(_net(), "random", density=float("nan"))),
      ["density must be a number"]),

@@ -10,6 +10,9 @@ A run folder holds everything needed to trust and reproduce a number:
     result.json       status ("finished", "diverged", "failed", "interrupted"), final and best
                       top-1, density, effective density and sparsity (weights on an
                       input-to-output path), FLOPs, collapsed layers, times
+    identity.json     (runs of a sweep) the sha256 of the settings the run was made with,
+                      written right after config.json (a later hand edit of config.json
+                      is told from it)
     .ntksap.lock      the claim: an OS lock held by the one process working on the folder
 
 Guarantees (each tested):
@@ -73,6 +76,7 @@ MASK_FILE = "mask.safetensors"
 LAYERS_FILE = "layers.txt"
 RESULT_FILE = "result.json"
 LOCK_FILE = ".ntksap.lock"
+IDENTITY_FILE = "identity.json"
 
 #: result.json statuses; "finished" and "diverged" are final (resume leaves them alone).
 FINAL_STATUSES = ("finished", "diverged")
@@ -219,6 +223,9 @@ class RunRequest:
     mask: Masks | None = None
     mask_path: Path | None = None
     reinit: bool = False
+    # the sweep's sha256 of `settings()` (ntksap.experiments.records.run_identity), written to
+    # identity.json with config.json; None: not recorded (a run outside a sweep)
+    identity: str | None = None
 
     def settings(self) -> dict[str, Any]:
         """What defines the experiment: config.json without the software versions, the world
@@ -525,7 +532,7 @@ def _run(
         if env.is_main:
             try:
                 stack.enter_context(claim(out))
-                decision = _open_folder(out, config, resume, log)
+                decision = _open_folder(out, config, resume, log, req.identity)
             except Exception as exc:
                 decision = {"error": exc}
         decision = distributed.broadcast_object(decision, env)
@@ -554,9 +561,15 @@ def _run(
 
 
 def _open_folder(
-    out: Path, config: dict[str, Any], resume: bool, log: Callable[[str], None]
+    out: Path,
+    config: dict[str, Any],
+    resume: bool,
+    log: Callable[[str], None],
+    identity: str | None = None,
 ) -> dict[str, Any]:
-    """Decide what to do with the claimed folder: start, continue, or report it as final."""
+    """Decide what to do with the claimed folder: start, continue, or report it as final.
+    `identity` (a sweep's) is recorded in identity.json once config.json holds the settings
+    (a folder of an earlier version gains it when it is resumed with the same settings)."""
     state = status(out)
     if state == "new":
         leftovers = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE)
@@ -568,6 +581,7 @@ def _open_folder(
         if resume:
             log(f"nothing saved in {out} yet: starting the run")
         write_json(out / CONFIG_FILE, config)
+        _record_identity(out, identity)
         return {"state": "start"}
     if not resume:
         raise RunFolderError(
@@ -585,6 +599,8 @@ def _open_folder(
             + "; ".join(diffs)
             + ". Resume with the same settings, or start a new --out (nothing was changed)"
         )
+    if not (out / IDENTITY_FILE).is_file():
+        _record_identity(out, identity)
     if state in FINAL_STATUSES:
         result = read_json(out / RESULT_FILE)
         log(
@@ -594,6 +610,18 @@ def _open_folder(
         return {"state": "final", "result": result}
     log(f"resuming the {state} run in {out}")
     return {"state": "resume"}
+
+
+def _record_identity(out: Path, identity: str | None) -> None:
+    if identity is not None:
+        write_json(
+            out / IDENTITY_FILE,
+            {
+                "sha256": identity,
+                "of": "config.json without versions, world_size and data_dir; keys sorted, "
+                "numbers canonical (1.0 written 1)",
+            },
+        )
 
 
 def build_model(
@@ -783,6 +811,7 @@ __all__ = [
     "CONFIG_FILE",
     "EXIT_CODES",
     "FINAL_STATUSES",
+    "IDENTITY_FILE",
     "LAYERS_FILE",
     "LOCK_FILE",
     "MASK_FILE",

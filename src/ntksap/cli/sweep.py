@@ -15,14 +15,19 @@ Examples:
     $ ntksap sweep CONFIG --out DIR --executor slurm --partition gpu --time 1440
     $ ntksap report DIR
 
-Flags override the config file. --axis KEY=V1,V2 adds an axis (a pruning setting such as
+Flags override the config file: a flag that names a setting (--lr, --axis lr=..., --set
+train.lr=...) replaces whatever the file gives for it, however the file spells it; two flags
+for one setting are an error. --axis KEY=V1,V2 adds an axis (a pruning setting such as
 rounds, schedule, scope, shuffle, invert, reinit; a method option such as resamples or
 epsilon; or a training setting such as lr); --set KEY=VALUE fixes one (METHOD.KEY for one
-method only, e.g. --set ntksap.rounds=20). Under a Slurm job array (sbatch --array) the shard
-is read from SLURM_ARRAY_TASK_ID / SLURM_ARRAY_TASK_COUNT.
+method only, e.g. --set ntksap.rounds=20; a list as [a,b], e.g. --set exclude=[fc*]). Under a
+Slurm job array (sbatch --array) the shard is read from SLURM_ARRAY_TASK_ID /
+SLURM_ARRAY_TASK_COUNT.
 
-Exit codes: 0 every run of this invocation finished or diverged, 1 some failed or were busy,
-2 bad input (nothing was run).
+A run folder whose config.json was edited by hand is listed as "edited" and left alone.
+
+Exit codes: 0 every run of this invocation finished or diverged, 1 some failed, were busy or
+were edited by hand, 2 bad input (nothing was run).
 """
 
 from __future__ import annotations
@@ -154,13 +159,27 @@ def spec_from_args(args: argparse.Namespace) -> sw.Sweep:
             spec.base[key] = getattr(args, key)
     if args.data_dir is not None:
         spec.base["data_dir"] = str(args.data_dir)
-    spec.train.update(train_overrides(args))
-    if args.reinit:
-        spec.run["reinit"] = True
     if args.sync_bn:
         raise UsageError("--sync-bn is for one run under torchrun; a sweep's runs are single")
     if args.methods:
         spec.methods = list(args.methods)
+    flagged: dict[tuple[str, str], str] = {}  # setting -> the flag that gave it
+
+    def take(key: tuple[str, str], flag: str) -> None:
+        """A flag gives the setting `key`: the file's entries for it go, a second flag is an
+        error."""
+        if key in flagged:
+            raise UsageError(f"{flagged[key]} and {flag} both set {key[1]}: give one")
+        flagged[key] = flag
+        spec.drop(key)
+
+    flag_names = {"schedule": "lr-schedule"}
+    for name, value in train_overrides(args).items():
+        take(("train", name), f"--{flag_names.get(name, name).replace('_', '-')}")
+        spec.train[name] = value
+    if args.reinit:
+        take(("run", "reinit"), "--reinit")
+        spec.run["reinit"] = True
     if args.sparsities or args.densities or args.compression:
         spec.set_density_grid(
             sparsities=args.sparsities,
@@ -171,22 +190,26 @@ def spec_from_args(args: argparse.Namespace) -> sw.Sweep:
         spec.seeds = list(args.seeds)
     for text in args.axis:
         key, values = sw.parse_assignment(text, many=True)
+        take(sw.classify_axis(key, spec.methods), f"--axis {key}")
         spec.axes[key] = values
     for text in args.set:
         key, value = sw.parse_assignment(text, many=False)
         method, dot, rest = key.partition(".")
         if dot and method.lower() in list_methods():
-            spec.per_method.setdefault(method.lower(), {})[rest] = value
-        elif key.replace("-", "_").startswith("train."):
-            spec.train[key.split(".", 1)[1].replace("-", "_")] = value
+            table = spec.per_method.setdefault(method.lower(), {})
+            canon = sw.classify(rest, [method.lower()])
+            for k in [k for k in table if _classified(k, method.lower()) == canon]:
+                del table[k]  # the file's value for this method, however spelled
+            table[rest] = value
+            continue
+        kind, name = sw.classify(key, spec.methods)
+        take((kind, name), f"--set {key}")
+        if kind == "option":
+            spec.options[name] = value
+        elif kind == "train":
+            spec.train[name] = value
         else:
-            kind, name = sw.classify(key, spec.methods)
-            if kind == "option":
-                spec.options[name] = value
-            elif kind == "train":
-                spec.train[name] = value
-            else:
-                spec.run[name] = value
+            spec.run[name] = value
     slurm = {
         k: getattr(args, k)
         for k in (
@@ -205,6 +228,13 @@ def spec_from_args(args: argparse.Namespace) -> sw.Sweep:
     spec.slurm.update(slurm)
     spec.validate()
     return spec
+
+
+def _classified(key: str, method: str) -> tuple[str, str] | None:
+    try:
+        return sw.classify(key, [method])
+    except sw.SweepError:
+        return None  # validate names it
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -226,13 +256,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _dry_run(spec: sw.Sweep, out: Path, shard: tuple[int, int] | None) -> int:
-    from ntksap import runs
-
     cells = sw.plan(spec, out)
     mine = sw.select_shard(cells, shard)
     states: dict[str, int] = {}
     for c in mine:
-        state = runs.status(c.folder)
+        state = sw.cell_status(c)
         states[state] = states.get(state, 0) + 1
         print(f"{state:11s} {c.folder}")
     print(f"{len(mine)} of {len(cells)} runs: " + ", ".join(f"{n} {k}" for k, n in states.items()))

@@ -10,6 +10,12 @@ can be deleted and rebuilt at any time (`Index.rebuild`, `ntksap report --rebuil
 processes and cluster jobs never write it: they write only their own run folders (SQLite over
 a network file system is not safe with several writers), and the next sync merges them.
 
+Being a cache, it never stops the work: a corrupt index (not a database, truncated,
+malformed) is moved aside (`index.sqlite.corrupt-<time>`, never deleted) and rebuilt from the
+folders with a one-line note; one that cannot be used now (locked by another connection past
+`BUSY_TIMEOUT_S`, unreadable) raises `IndexUnavailable`, and callers read the folders instead
+(`Index.records` does so itself).
+
 Example:
     >>> idx = Index("sweeps/m5k")  # doctest: +SKIP
     >>> idx.sync()  # doctest: +SKIP
@@ -21,26 +27,53 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import sqlite3
+import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from ntksap.experiments.records import Record, find_run_folders, read_record
+from ntksap.experiments.records import (
+    NOT_HASHED,
+    RUNS_DIR,
+    Record,
+    config_hash,
+    find_run_folders,
+    read_record,
+    run_identity,
+)
 from ntksap.files import read_json
-from ntksap.runs import CONFIG_FILE, METRICS_FILE, RESULT_FILE
+from ntksap.runs import CONFIG_FILE, IDENTITY_FILE, METRICS_FILE, RESULT_FILE
 
 INDEX_FILE = "index.sqlite"
 SWEEP_FILE = "sweep.json"
-RUNS_DIR = "runs"
 SCHEMA_VERSION = 1
+#: Seconds to wait for another connection's lock before giving up on the index for now.
+BUSY_TIMEOUT_S = 10.0
 
-#: config.json entries that do not define the experiment (software, machine, data location).
-NOT_HASHED = ("versions", "world_size", "data_dir")
+_T = TypeVar("_T")
+
+
+class IndexUnavailable(sqlite3.OperationalError):
+    """The index cannot be used now (locked by another connection, or unreadable); the run
+    folders are the results, so callers read them instead. A sqlite3 error, so code that
+    already falls back on sqlite3.Error copes."""
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _unusable(exc: sqlite3.Error) -> bool:
+    """Whether an error says the index is out of reach now (not that its bytes are bad)."""
+    text = str(exc).lower()
+    return isinstance(exc, sqlite3.OperationalError) and any(
+        word in text for word in ("locked", "busy", "unable to open", "readonly", "disk i/o")
+    )
+
 
 _COLUMNS = {
     "name": "TEXT PRIMARY KEY",
@@ -69,22 +102,9 @@ _COLUMNS = {
 }
 
 
-def config_hash(config: dict[str, Any]) -> str:
-    """Short hash of a run's settings: config.json (or `RunRequest.settings()`) without the
-    entries that do not define the experiment. Key order does not matter.
-
-    >>> config_hash({"model": "lenet5", "versions": {"torch": "2.13"}}) == config_hash(
-    ...     {"model": "lenet5"})
-    True
-    """
-    settings = {k: val for k, val in config.items() if k not in NOT_HASHED}
-    text = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:8]
-
-
 def _signature(folder: Path) -> str:
     parts = []
-    for name in (CONFIG_FILE, RESULT_FILE, METRICS_FILE):
+    for name in (CONFIG_FILE, RESULT_FILE, METRICS_FILE, IDENTITY_FILE):
         try:
             st = (folder / name).stat()
             parts.append(f"{st.st_mtime_ns}:{st.st_size}")
@@ -151,17 +171,74 @@ def row_of(rec: Record, axis_paths: Iterable[str] = ()) -> dict[str, Any]:
 class Index:
     """The SQLite index of one sweep folder (created on first use).
 
-    Concurrent readers and writers on one machine are fine (WAL, 60 s busy timeout).
+    Concurrent readers and writers on one machine are fine (WAL; a lock held longer than
+    `BUSY_TIMEOUT_S` makes the index unavailable for that call, not the work fail).
+    `note` receives the one-line notes (a corrupt index moved aside; default: stderr).
     """
 
-    def __init__(self, sweep_dir: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, sweep_dir: str | os.PathLike[str], *, note: Callable[[str], None] = _stderr
+    ) -> None:
         self.sweep_dir = Path(sweep_dir)
         self.path = self.sweep_dir / INDEX_FILE
+        self.note = note
+
+    def _guard(self, work: Callable[[], _T], *, rebuild_on_corrupt: bool = True) -> _T:
+        """`work()` (one or more transactions); a corrupt index is moved aside and `work`
+        runs again on a fresh one, rebuilt first from every folder; an index out of reach
+        raises `IndexUnavailable` naming it and the way out."""
+        try:
+            return work()
+        except IndexUnavailable:
+            raise
+        except sqlite3.Error as exc:
+            if _unusable(exc):
+                raise IndexUnavailable(
+                    f"the index {self.path} cannot be used now ({exc}); the run folders are "
+                    "the results (`ntksap report --rebuild` rebuilds it later)"
+                ) from None
+            moved = self._move_aside()
+            self.note(
+                f"note: the index {self.path} was corrupt ({exc}): moved to {moved.name}, "
+                "rebuilding it from the run folders"
+            )
+        try:
+            if rebuild_on_corrupt:
+                self._sync()
+            return work()
+        except IndexUnavailable:
+            raise
+        except sqlite3.Error as exc:  # the fresh one failed too: leave it to the folders
+            raise IndexUnavailable(f"the index {self.path} cannot be rebuilt ({exc})") from None
+
+    def _move_aside(self) -> Path:
+        """Rename the index (and its -wal/-shm) to index.sqlite.corrupt-<time>[-wal|-shm]."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        target = self.path.with_name(f"{INDEX_FILE}.corrupt-{stamp}")
+        k = 1
+        while target.exists():
+            k += 1
+            target = self.path.with_name(f"{INDEX_FILE}.corrupt-{stamp}.{k}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(str(self.path) + suffix)
+            if src.exists():
+                try:
+                    src.rename(Path(str(target) + suffix))
+                except OSError as exc:
+                    raise IndexUnavailable(
+                        f"the index {self.path} is corrupt and cannot be moved aside ({exc})"
+                    ) from None
+        return target
 
     @contextlib.contextmanager
     def connect(self) -> Iterator[sqlite3.Connection]:
         self.sweep_dir.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(self.path, timeout=60.0)
+        if self.path.is_dir():  # sqlite3 would say only "unable to open database file"
+            raise IndexUnavailable(
+                f"the index {self.path} cannot be used now (it is a folder, not a file); the "
+                "run folders are the results"
+            )
+        con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
         try:
             con.row_factory = sqlite3.Row
             con.execute("PRAGMA journal_mode=WAL")
@@ -192,7 +269,15 @@ class Index:
 
     def sync(self, folders: Iterable[str | os.PathLike[str]] | None = None) -> int:
         """Bring the rows of `folders` (default: every run folder of the sweep, and rows of
-        folders that no longer exist are dropped) up to date; returns how many were re-read."""
+        folders that no longer exist are dropped) up to date; returns how many were re-read.
+
+        Raises:
+            IndexUnavailable: the index cannot be used now (see the module docstring).
+        """
+        chosen = None if folders is None else list(folders)
+        return self._guard(lambda: self._sync(chosen))
+
+    def _sync(self, folders: Iterable[str | os.PathLike[str]] | None = None) -> int:
         everything = folders is None
         paths = self.folders() if folders is None else [Path(f).resolve() for f in folders]
         axis_paths = axis_keys(self.sweep_dir)
@@ -225,12 +310,20 @@ class Index:
         return self.sync()
 
     def rows(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        """Rows as dicts (axes, config and result decoded), ordered by name."""
+        """Rows as dicts (axes, config and result decoded), ordered by name.
+
+        Raises:
+            IndexUnavailable: the index cannot be used now.
+        """
         if not self.path.exists():
             return []
-        with self.connect() as con:
-            cur = con.execute(f"SELECT * FROM runs {where} ORDER BY name", params)
-            out = [dict(r) for r in cur]
+
+        def read() -> list[dict[str, Any]]:
+            with self.connect() as con:
+                cur = con.execute(f"SELECT * FROM runs {where} ORDER BY name", params)
+                return [dict(r) for r in cur]
+
+        out = self._guard(read)
         for r in out:
             for key in ("axes", "config", "result"):
                 r[key] = json.loads(r[key]) if r[key] is not None else None
@@ -238,16 +331,39 @@ class Index:
 
     def records(self) -> list[Record]:
         """Every run of the sweep: the index brought up to date, each run read from its folder
-        (the numbers of a table come from the result files, not from the index's copy)."""
-        self.sync()
-        return [read_record(Path(r["folder"])) for r in self.rows()]
+        (the numbers of a table come from the result files, not from the index's copy). An
+        index that cannot be used now is passed by with a note: the folders are read."""
+        try:
+            self.sync()
+            folders = [Path(r["folder"]) for r in self.rows()]
+        except IndexUnavailable as exc:
+            self.note(f"note: {exc}; reading the run folders")
+            folders = self.folders()
+        return [read_record(f) for f in folders]
 
     def counts(self) -> dict[str, int]:
         """Number of runs per status."""
         if not self.path.exists():
             return {}
-        with self.connect() as con:
-            return dict(con.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+
+        def read() -> dict[str, int]:
+            with self.connect() as con:
+                sql = "SELECT status, COUNT(*) FROM runs GROUP BY status"
+                return dict(con.execute(sql).fetchall())
+
+        return self._guard(read)
 
 
-__all__ = ["INDEX_FILE", "RUNS_DIR", "SWEEP_FILE", "Index", "axis_keys", "config_hash", "row_of"]
+__all__ = [
+    "BUSY_TIMEOUT_S",
+    "INDEX_FILE",
+    "NOT_HASHED",
+    "RUNS_DIR",
+    "SWEEP_FILE",
+    "Index",
+    "IndexUnavailable",
+    "axis_keys",
+    "config_hash",
+    "row_of",
+    "run_identity",
+]

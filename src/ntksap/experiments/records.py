@@ -4,6 +4,12 @@ The run folders are the truth (`ntksap.runs`); everything here is read from them
 cached elsewhere. A record carries the folder's config.json, result.json (None until the run
 ends) and status, and names the settings a report groups by.
 
+A run's identity is the sha256 of its settings in canonical form (`run_identity`): config.json
+without the entries that do not define the experiment, keys sorted, numbers canonical (1 and
+1.0 are one number, True is not 1). A sweep records it in the run folder (identity.json); a
+folder whose config.json no longer has the identity it was made with was edited by hand and
+reads as status "edited" (never counted as a result).
+
 Example:
     >>> recs = [read_record(p) for p in find_run_folders(["sweeps/m5k"])]  # doctest: +SKIP
     >>> recs[0].method, recs[0].sparsity, recs[0].seed, recs[0].top1  # doctest: +SKIP
@@ -13,14 +19,25 @@ Example:
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ntksap.files import read_json
-from ntksap.runs import CONFIG_FILE, MASK_FILE, RESULT_FILE, status
+from ntksap.runs import CONFIG_FILE, IDENTITY_FILE, MASK_FILE, RESULT_FILE, status
+
+#: config.json entries that do not define the experiment (software, machine, data location).
+NOT_HASHED = ("versions", "world_size", "data_dir")
+#: The folder of a sweep that holds its run folders.
+RUNS_DIR = "runs"
+#: A sweep's run folder name: "<label>-seed<N>-<hex prefix of config_hash>".
+_SWEEP_NAME = re.compile(r"-seed\d+-([0-9a-f]{8,64})$")
 
 #: config.json keys that never define an experiment cell (software, location, seed, density).
 NOT_GROUPING = (
@@ -37,6 +54,86 @@ NOT_GROUPING = (
 )
 
 
+def canonical(value: Any) -> Any:
+    """`value` with every number in one form, for hashing: an integral float becomes the int
+    (1.0 -> 1; exact, any size), bools stay bools, tuples become lists, mapping keys strings.
+
+    >>> canonical({"lr": 1.0, "milestones": (80.0, 120), "nesterov": True, "gamma": 0.5})
+    {'lr': 1, 'milestones': [80, 120], 'nesterov': True, 'gamma': 0.5}
+    """
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, float):
+        return int(value) if math.isfinite(value) and value.is_integer() else value
+    if isinstance(value, Mapping):
+        return {str(k): canonical(val) for k, val in value.items()}
+    if isinstance(value, list | tuple):
+        return [canonical(x) for x in value]
+    return str(value)  # paths and other objects: as config.json writes them
+
+
+def settings_of(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's settings: config.json (or `RunRequest.settings()`) without `NOT_HASHED`."""
+    return {k: val for k, val in config.items() if k not in NOT_HASHED}
+
+
+def run_identity(config: Mapping[str, Any]) -> str:
+    """The identity of a run: sha256 (64 hex digits) of its canonical settings. Key order,
+    int-vs-float spelling of a number and tuple-vs-list do not matter; anything else does.
+
+    >>> run_identity({"train": {"lr": 1}}) == run_identity({"train": {"lr": 1.0}})
+    True
+    >>> run_identity({"prune": {"shuffle": True}}) == run_identity({"prune": {"shuffle": 1}})
+    False
+    """
+    text = json.dumps(
+        canonical(settings_of(config)), sort_keys=True, separators=(",", ":"), allow_nan=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def config_hash(config: Mapping[str, Any], length: int = 8) -> str:
+    """The hash that names a sweep's run folder (its first `length` hex digits; 8 unless two
+    folders would share a name): sha256 of the settings as JSON, as every version wrote it, so
+    that the folders of earlier sweeps keep their names. Not the identity: `run_identity`.
+
+    >>> config_hash({"model": "lenet5", "versions": {"torch": "2.13"}}) == config_hash(
+    ...     {"model": "lenet5"})
+    True
+    """
+    text = json.dumps(settings_of(config), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def recorded_identity(folder: str | os.PathLike[str]) -> str | None:
+    """The identity recorded in a run folder's identity.json (None: none, or unreadable)."""
+    try:
+        data = read_json(Path(folder) / IDENTITY_FILE)
+    except (OSError, ValueError):
+        return None
+    value = data.get("sha256") if isinstance(data, dict) else None
+    return value if isinstance(value, str) and re.fullmatch(r"[0-9a-f]{64}", value) else None
+
+
+def is_edited(folder: str | os.PathLike[str], config: Mapping[str, Any]) -> bool:
+    """Whether the run folder's config.json (`config`, as read) was changed after the run was
+    made: it no longer has the recorded identity; for a sweep's folder written before
+    identities were recorded, its settings no longer hash to the folder's name. An empty or
+    unreadable config is not judged here (it reads as unreadable)."""
+    if not config:
+        return False
+    folder = Path(folder)
+    recorded = recorded_identity(folder)
+    if recorded is not None:
+        return recorded != run_identity(config)
+    m = _SWEEP_NAME.search(folder.name)
+    if m is None or folder.parent.name != RUNS_DIR:
+        return False  # a folder of `ntksap run`: nothing to compare with
+    return not config_hash(config, 64).startswith(m[1])
+
+
 @dataclass
 class Record:
     """One run folder as read from disk.
@@ -44,7 +141,9 @@ class Record:
     Attributes:
         name: the folder's name (a sweep names it `<readable>-<hash>`).
         folder: its path.
-        status: `ntksap.runs.status`: new, incomplete, finished, diverged, failed, interrupted.
+        status: `ntksap.runs.status`: new, incomplete, finished, diverged, failed,
+            interrupted; or "edited": config.json changed by hand after the run was made
+            (`is_edited`), so its numbers belong to no known setting and count as no result.
         config: config.json ({} when absent).
         result: result.json, or None until the run ends.
     """
@@ -175,11 +274,12 @@ def read_record(folder: str | os.PathLike[str]) -> Record:
             return None
         return data if isinstance(data, dict) else None
 
+    config = load(CONFIG_FILE) or {}
     return Record(
         name=folder.name,
         folder=folder,
-        status=state,
-        config=load(CONFIG_FILE) or {},
+        status="edited" if state != "new" and is_edited(folder, config) else state,
+        config=config,
         result=load(RESULT_FILE) if state not in ("new", "incomplete") else None,
     )
 
@@ -205,9 +305,17 @@ def find_run_folders(dirs: Iterable[str | os.PathLike[str]]) -> list[Path]:
 
 __all__ = [
     "NOT_GROUPING",
+    "NOT_HASHED",
+    "RUNS_DIR",
     "Record",
+    "canonical",
+    "config_hash",
     "find_run_folders",
     "flatten",
+    "is_edited",
     "mask_effective_sparsity",
     "read_record",
+    "recorded_identity",
+    "run_identity",
+    "settings_of",
 ]

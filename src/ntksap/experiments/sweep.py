@@ -3,9 +3,14 @@
 A sweep is a grid of `ntksap.run` calls. Every (cell, seed) becomes one run folder under
 `SWEEP/runs/`, written exactly as `ntksap run` writes it and named by a readable label plus a
 short hash of its resolved settings (`ntksap-s98.2-seed0-1a2b3c4d`): the same settings always
-land in the same folder, different settings never share one. Re-running a sweep therefore
-skips finished (and diverged) runs, resumes interrupted ones from what they saved, and
-retries failed ones only when asked (`retry_failed`).
+land in the same folder, different settings never share one. A run's identity is the sha256
+of its canonical settings (`ntksap.experiments.records.run_identity`: `lr` and `train.lr` are
+one key, 1 and 1.0 one number), recorded in its folder (identity.json); where two settings
+would share a short name, or a folder of that name belongs to other settings, the name takes
+more digits of the hash. Re-running a sweep therefore skips finished (and diverged) runs,
+resumes interrupted ones from what they saved, and retries failed ones only when asked
+(`retry_failed`). A folder whose config.json was edited by hand is reported as "edited" and
+left alone: not counted as done, not run over.
 
 Settings come from a TOML file (`configs/*.toml`) and/or keyword overrides:
 
@@ -28,13 +33,18 @@ Settings come from a TOML file (`configs/*.toml`) and/or keyword overrides:
 
 An axis that is an option of some methods only (e.g. `resamples`) multiplies only their
 cells. A key that is both a training setting and a method option (`batch_size`) must be
-qualified: `train.batch_size` or `options.batch_size`.
+qualified: `train.batch_size` or `options.batch_size`. Each setting is given once per level:
+fixed ([run], [train], [options]), per method, axis; a level overrides the one before it
+under the same name, and two spellings of one setting (`lr` and `train.lr`) are an error.
+Every key and value is checked (types included) before any work.
 
 Scale-out: `shard=(i, n)` runs the i-th of n disjoint slices (Slurm array variables are read
 when no shard is given); `executor="local", jobs=N` runs N at a time on this machine (one GPU
 each when there are several); `executor="slurm"` submits a job array through submitit. Only
 the process that drives the whole sweep on one machine writes the SQLite index; shards and
-cluster jobs write only their run folders, and `ntksap report` merges them.
+cluster jobs write only their run folders, and `ntksap report` merges them. The index is a
+cache: one that is corrupt is moved aside and rebuilt, one that is locked is passed by with a
+note; local worker processes die with the process that started them.
 
 Example:
     >>> spec = Sweep.from_dict({"run": {"dataset": "digits"}, "train": {"epochs": 1},
@@ -48,9 +58,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
 import re
+import signal
+import sys
+import threading
 import time
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
@@ -60,8 +74,9 @@ from typing import Any
 
 from ntksap import runs
 from ntksap import validate as v
-from ntksap.experiments.index import RUNS_DIR, SWEEP_FILE, Index, config_hash
-from ntksap.files import write_json
+from ntksap.experiments.index import RUNS_DIR, SWEEP_FILE, Index, IndexUnavailable
+from ntksap.experiments.records import canonical, config_hash, recorded_identity, run_identity
+from ntksap.files import read_json, write_json
 from ntksap.pruning import resolve_density
 from ntksap.scoring import get_method, list_methods
 from ntksap.training.config import TrainConfig
@@ -87,7 +102,11 @@ TRAIN_KEYS = tuple(
     f.name for f in dataclasses.fields(TrainConfig) if f.name not in ("seed", "preset")
 )
 EXECUTORS = ("local", "slurm", "submitit-local")
+#: Settings whose value is a list (an axis of one takes a list per run): what the list holds.
+LIST_KEYS = {("run", "exclude"): "patterns", ("run", "include"): "patterns",
+             ("train", "milestones"): "epochs"}  # fmt: skip
 _GRID_KEYS = ("methods", "sparsities", "densities", "compression", "seeds", "axes")
+_SLURM_INTS = ("gpus_per_task", "cpus_per_task", "mem_gb", "time_minutes", "array_parallelism")
 _SLURM_KEYS = (
     "partition",
     "gpus_per_task",
@@ -103,6 +122,96 @@ _SLURM_KEYS = (
 
 class SweepError(ValueError):
     """A sweep specification that cannot be run (named key, valid choices)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Types of the values read from a file or flags
+# ---------------------------------------------------------------------------------------
+def _kind(value: Any) -> str:
+    """What a value is, in TOML's words (for messages)."""
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, Mapping):
+        return "a table"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _toml(value: Any) -> str:
+    """`value` as TOML writes it (for examples in messages)."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml(x) for x in value) + "]"
+    return json.dumps(value) if isinstance(value, str) else repr(value)
+
+
+def _table(where: str, value: Any) -> dict[str, Any]:
+    """`value` as a dict; an error naming `where` if it is not a table."""
+    if not isinstance(value, Mapping):
+        raise SweepError(
+            f"{where} must be a table (a [header] with key = value lines), got {_kind(value)}: "
+            f"{value!r}"
+        )
+    return dict(value)
+
+
+def _list(where: str, key: str, value: Any, example: str) -> list[Any]:
+    """`value` as a list; an error naming `where` if it is not one (a TOML string is never
+    taken apart into its letters)."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    fix = f"{key} = [{_toml(value)}]" if not isinstance(value, Mapping) else example
+    raise SweepError(f"{where} must be a list, e.g. {fix}, got {_kind(value)}: {value!r}")
+
+
+def _numbers(where: str, values: Sequence[Any]) -> list[float]:
+    """Each value a finite number (true/false is not one)."""
+    for x in values:
+        if isinstance(x, bool) or not isinstance(x, int | float):
+            raise SweepError(f"{where} must hold numbers, got {_kind(x)}: {x!r}")
+        if not math.isfinite(x):
+            raise SweepError(f"{where} must hold finite numbers, got {x!r}")
+    return [float(x) for x in values]
+
+
+def _what(key: tuple[str, str]) -> str:
+    kind, name = key
+    return {"run": "pruning setting", "train": "training setting", "option": "method option"}[
+        kind
+    ] + f" {name}"
+
+
+def _check_value(where: str, key: tuple[str, str], value: Any) -> None:
+    """The shape of one setting's value: a list for `LIST_KEYS` (of strings for patterns),
+    else one value (no list, no table); numbers finite. The rest is checked by
+    `ntksap.runs.prepare` for every run, before any work."""
+    name = key[1]
+    if key in LIST_KEYS:
+        example = '["layers.5*"]' if key[0] == "run" else "[80, 120]"
+        if not isinstance(value, list | tuple):
+            raise SweepError(
+                f"{where} must be a list of {LIST_KEYS[key]}, e.g. {name} = {example} "
+                f"(on the command line: {name}=[...]), got {_kind(value)}: {value!r}"
+            )
+        for x in value:
+            if key[0] == "run" and not isinstance(x, str):
+                raise SweepError(f"{where} must hold strings (name patterns), got {x!r}")
+        return
+    if isinstance(value, Mapping):
+        raise SweepError(f"{where} must be one value, got a table: {value!r}")
+    if isinstance(value, list | tuple):
+        raise SweepError(
+            f"{where} must be one value, got a list: {_toml(value)} (one run per value is an "
+            f"axis: [grid.axes] {name} = {_toml(value)})"
+        )
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SweepError(f"{where} must be a finite number, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -160,12 +269,15 @@ def classify(key: str, methods: Sequence[str]) -> tuple[str, str]:
 
 
 def parse_value(text: str) -> Any:
-    """A flag value as TOML would read it: ints, floats, true/false, else the string.
+    """A flag value as TOML would read it: ints, floats, true/false, [a, b] lists, else the
+    string.
 
-    >>> [parse_value(t) for t in ("5", "0.01", "true", "none", "cosine")]
-    [5, 0.01, True, None, 'cosine']
+    >>> [parse_value(t) for t in ("5", "0.01", "true", "none", "cosine", "[fc*,conv1*]")]
+    [5, 0.01, True, None, 'cosine', ['fc*', 'conv1*']]
     """
     t = text.strip()
+    if t.startswith("[") and t.endswith("]"):
+        return [parse_value(x) for x in t[1:-1].split(",") if x.strip()]
     low = t.lower()
     if low in ("true", "false"):
         return low == "true"
@@ -186,7 +298,7 @@ def parse_assignment(text: str, *, many: bool) -> tuple[str, Any]:
         example = "rounds=1,5,20" if many else "resamples=1"
         form = "KEY=VALUES" if many else "KEY=VALUE"
         raise SweepError(f"bad setting {text!r}: write {form}, e.g. {example}")
-    if many:
+    if many:  # lists as values: rounds=1,5 is two runs, exclude=[fc*],[conv1*] two lists
         return key.strip(), [parse_value(x) for x in values.split(",") if x.strip()]
     return key.strip(), parse_value(values)
 
@@ -231,31 +343,53 @@ class Sweep:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Sweep:
         """From the TOML tables as a dict; every key is checked (unknown ones are errors)."""
+        raw = _table("the sweep file", raw)
         tables = ("name", "run", "train", "options", "grid", "methods", "executor", "slurm")
         _unknown("top-level table", raw, tables)
-        spec = cls(name=raw.get("name"))
-        run = dict(raw.get("run", {}))
+        name = raw.get("name")
+        if name is not None and not isinstance(name, str):
+            raise SweepError(f"name must be a string, got {_kind(name)}: {name!r}")
+        spec = cls(name=name)
+        run = _table("[run]", raw.get("run", {}))
+        for key in BASE_KEYS:
+            if key in run and not isinstance(run[key], str):
+                raise SweepError(
+                    f"[run] {key} must be a string, got {_kind(run[key])}: {run[key]!r}"
+                )
         spec.base = {k: run.pop(k) for k in BASE_KEYS if k in run}
         spec.run = run
-        spec.train = dict(raw.get("train", {}))
-        spec.options = dict(raw.get("options", {}))
-        grid = dict(raw.get("grid", {}))
+        spec.train = _table("[train]", raw.get("train", {}))
+        spec.options = _table("[options]", raw.get("options", {}))
+        grid = _table("[grid]", raw.get("grid", {}))
         _unknown("[grid] key", grid, _GRID_KEYS)
-        spec.methods = [str(m).lower() for m in grid.get("methods", spec.methods)]
-        spec.set_density_grid(
-            sparsities=grid.get("sparsities"),
-            densities=grid.get("densities"),
-            compression=grid.get("compression"),
-        )
-        spec.seeds = list(grid.get("seeds", spec.seeds))
+        if "methods" in grid:
+            methods = _list("[grid] methods", "methods", grid["methods"], 'methods = ["snip"]')
+            for m in methods:
+                if not isinstance(m, str):
+                    raise SweepError(
+                        f"[grid] methods must hold method names (strings), got {_kind(m)}: {m!r}"
+                    )
+            spec.methods = [m.lower() for m in methods]
+        densities = {}
+        for key in ("sparsities", "densities", "compression"):
+            if key in grid:
+                where = f"[grid] {key}"
+                densities[key] = _numbers(where, _list(where, key, grid[key], f"{key} = [0.9]"))
+        spec.set_density_grid(**densities)
+        if "seeds" in grid:
+            spec.seeds = _list("[grid] seeds", "seeds", grid["seeds"], "seeds = [0, 1, 2]")
+        axes = _table("[grid.axes]", grid.get("axes", {}))
         spec.axes = {
-            k: list(vals) if isinstance(vals, list) else [vals]
-            for k, vals in grid.get("axes", {}).items()
+            k: _list(f"[grid.axes] {k}", k, vals, f"{k} = [1, 2]") for k, vals in axes.items()
         }
-        spec.per_method = {str(m).lower(): dict(t) for m, t in raw.get("methods", {}).items()}
-        spec.executor = dict(raw.get("executor", {}))
+        per_method = _table("[methods]", raw.get("methods", {}))
+        spec.per_method = {
+            str(m).lower(): _table(f"[methods.{m}] (settings of the method {m!r})", t)
+            for m, t in per_method.items()
+        }
+        spec.executor = _table("[executor]", raw.get("executor", {}))
         _unknown("[executor] key", spec.executor, ("name", "jobs"))
-        spec.slurm = dict(raw.get("slurm", {}))
+        spec.slurm = _table("[slurm]", raw.get("slurm", {}))
         _unknown("[slurm] key", spec.slurm, _SLURM_KEYS)
         return spec
 
@@ -271,6 +405,10 @@ class Sweep:
         given = [x for x in (sparsities, densities, compression) if x is not None]
         if len(given) > 1:
             raise SweepError("give one of sparsities, densities or compression, not several")
+        for key, values in (("sparsities", sparsities), ("densities", densities),
+                            ("compression", compression)):  # fmt: skip
+            if values is not None:
+                _numbers(key, _list(key, key, values, f"{key} = [0.9]"))
         if sparsities is not None:
             # 1 - 0.9 is 0.09999999999999998: rounded, so config.json and hashes read 0.1
             self.densities = [round(resolve_density(None, float(s)), 12) for s in sparsities]
@@ -320,40 +458,122 @@ class Sweep:
             )
         if not self.seeds:
             raise SweepError("the sweep has no seeds: give [grid] seeds or --seeds")
-        for s in self.seeds:
-            v.seed(s)
+        _numbers("densities", _list("densities", "densities", self.densities, "[0.1]"))
+        for s in _list("[grid] seeds", "seeds", self.seeds, "seeds = [0, 1, 2]"):
+            v.seed(s, "[grid] seeds: each seed")
         for what, vals in (("densities", self.densities), ("seeds", self.seeds)):
             if len(set(vals)) != len(vals):
                 raise SweepError(f"{what} repeated: {vals}")
-        for key in self.run:
-            classify(key, self.methods)
-        for key in self.train:
-            if key.replace("-", "_") not in TRAIN_KEYS:
-                raise SweepError(f"unknown [train] setting {key!r}; valid: {', '.join(TRAIN_KEYS)}")
+        self.setting_keys()  # every key known, given once, with a value of the right shape
+        for key, vals in self.axes.items():
+            if not vals:
+                raise SweepError(f"axis {key!r} has no values")
+            texts = [json.dumps(canonical(x), sort_keys=True) for x in vals]
+            for j, text in enumerate(texts):
+                if text in texts[:j]:
+                    first = vals[texts.index(text)]
+                    raise SweepError(
+                        f"axis {key!r} repeats a value: {first!r} and {vals[j]!r} are the same "
+                        f"setting (numbers compare by value, 1 == 1.0); give it once"
+                    )
+        name = self.executor.get("name", "local")
+        v.choice("executor", name, EXECUTORS)
+        v.positive_int("jobs", self.executor.get("jobs", 1))
+        for key, value in self.slurm.items():
+            if key in _SLURM_INTS:
+                low = 0 if key == "gpus_per_task" else 1
+                v.int_in_range(f"[slurm] {key}", value, low, 10**9)
+            elif not isinstance(value, str):
+                raise SweepError(f"[slurm] {key} must be a string, got {_kind(value)}: {value!r}")
+
+    def setting_keys(self) -> dict[str, dict[tuple[str, str], str]]:
+        """Every setting's canonical key ((kind, name), see `classify`) -> where it is given
+        ("[train] lr", "[grid.axes] train.lr"), per level: "fixed", "axes", "method:<m>".
+
+        Raises SweepError for an unknown key, a value of the wrong shape (`_check_value`), a
+        setting given twice in one level (in two tables, or in two spellings), and an axis
+        that spells a fixed or per-method setting another way (`lr` vs `train.lr`: say which).
+        """
+        levels: dict[str, dict[tuple[str, str], str]] = {"fixed": {}, "axes": {}}
+        spelled: dict[str, str] = {}  # where -> the key as written (normalised)
+
+        def add(level: str, where: str, key: str, canon: tuple[str, str], value: Any) -> None:
+            _check_value(where, canon, value)
+            found = levels.setdefault(level, {})
+            if canon in found:
+                raise SweepError(
+                    f"{found[canon]} and {where} set the same {_what(canon)}: give it once"
+                )
+            found[canon] = where
+            spelled[where] = key.strip().replace("-", "_")
+
         options = _all_options(self.methods)
-        for key in self.options:
-            if key.replace("-", "_") not in options:
+        for key, value in self.train.items():
+            name = key.replace("-", "_")
+            if name not in TRAIN_KEYS:
+                raise SweepError(f"unknown [train] setting {key!r}; valid: {', '.join(TRAIN_KEYS)}")
+            add("fixed", f"[train] {key}", key, ("train", name), value)
+        for key, value in self.options.items():
+            name = key.replace("-", "_")
+            if name not in options:
                 raise SweepError(
                     f"option {key!r} belongs to none of the methods {', '.join(self.methods)}; "
                     f"their options: {', '.join(sorted(options)) or 'none'}"
                 )
+            add("fixed", f"[options] {key}", key, ("option", name), value)
+        for key, value in self.run.items():
+            add("fixed", f"[run] {key}", key, classify(key, self.methods), value)
         for key, vals in self.axes.items():
-            classify_axis(key, self.methods)
-            if not vals:
-                raise SweepError(f"axis {key!r} has no values")
-            if len({repr(x) for x in vals}) != len(vals):
-                raise SweepError(f"axis {key!r} repeats a value: {vals}")
+            canon = classify_axis(key, self.methods)
+            where = f"[grid.axes] {key}"
+            for x in _list(where, key, vals, f"{key} = [1, 2]"):
+                _check_value(f"a value of {where}", canon, x)
+            found = levels["axes"]
+            if canon in found:
+                raise SweepError(
+                    f"the axes {found[canon]} and {where} are the same {_what(canon)}: give "
+                    "one axis (a run would be labelled by one and trained with the other)"
+                )
+            found[canon] = where
+            spelled[where] = key.strip().replace("-", "_")
         for m, table in self.per_method.items():
             if m not in self.methods:
                 raise SweepError(
                     f"[methods.{m}] names a method that is not in the grid "
                     f"({', '.join(self.methods)})"
                 )
-            for key in table:
-                classify(key, [m])
-        name = self.executor.get("name", "local")
-        v.choice("executor", name, EXECUTORS)
-        v.positive_int("jobs", self.executor.get("jobs", 1))
+            for key, value in _table(f"[methods.{m}]", table).items():
+                add(f"method:{m}", f"[methods.{m}] {key}", key, classify(key, [m]), value)
+        for canon, where in levels["axes"].items():
+            for level, found in levels.items():
+                other = found.get(canon)
+                if level != "axes" and other and spelled[other] != spelled[where]:
+                    raise SweepError(
+                        f"{where} and {other} are two spellings of the {_what(canon)}: write "
+                        f"both as {spelled[where]!r} (the axis then overrides the fixed value) "
+                        "or drop one"
+                    )
+        return levels
+
+    def drop(self, key: tuple[str, str]) -> list[str]:
+        """Remove every fixed setting and axis whose canonical key is `key` (the command
+        line's flags replace the file's); returns the keys removed, as written. Keys that
+        cannot be classified stay, for `validate` to report."""
+        removed = []
+        for table, kind in ((self.train, "train"), (self.options, "option")):
+            for k in [k for k in table if (kind, k.replace("-", "_")) == key]:
+                del table[k]
+                removed.append(k)
+        for table, classify_key in ((self.run, classify), (self.axes, classify_axis)):
+            for k in list(table):
+                try:
+                    same = classify_key(k, self.methods) == key
+                except SweepError:
+                    continue
+                if same:
+                    del table[k]
+                    removed.append(k)
+        return removed
 
 
 def _unknown(what: str, given: Mapping[str, Any], valid: Sequence[str]) -> None:
@@ -367,7 +587,8 @@ def _unknown(what: str, given: Mapping[str, Any], valid: Sequence[str]) -> None:
 # ---------------------------------------------------------------------------------------
 @dataclass
 class Cell:
-    """One run of the sweep: its folder name, hash, labels and the validated request."""
+    """One run of the sweep: its folder name, the hash in it, labels, the validated request
+    and its identity (sha256 of the canonical settings, `records.run_identity`)."""
 
     name: str
     hash: str
@@ -376,10 +597,61 @@ class Cell:
     seed: int
     axes: dict[str, Any]
     request: runs.RunRequest
+    identity: str = ""
 
     @property
     def folder(self) -> Path:
         return self.request.out
+
+
+#: What an "edited" run's outcome says (the folder's config.json was changed by hand).
+EDITED_MESSAGE = (
+    "config.json no longer has the settings this run was made with (edited by hand?); its "
+    "files are kept and it is not counted as done. Restore config.json, or move the folder "
+    "out of runs/ and run the sweep again to redo the run"
+)
+
+
+def cell_status(cell: Cell) -> str:
+    """`ntksap.runs.status` of the cell's folder, or "edited" when its config.json has
+    settings other than the cell's (changed by hand after the run was made)."""
+    state = runs.status(cell.folder)
+    if state == "new":
+        return state
+    config = _read_config(cell.folder)
+    if config and run_identity(config) != cell.identity:
+        return "edited"
+    return state
+
+
+def _read_config(folder: Path) -> dict[str, Any] | None:
+    """config.json of a run folder; None when absent, {} when unreadable (torn, not a
+    table): `ntksap.runs` reports those when the run is resumed."""
+    path = folder / runs.CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _owner(folder: Path, identity: str, suffix: str) -> str:
+    """Whose is the run folder `folder` (named ...-`suffix`): "free" (nothing saved),
+    "ours" (made for the settings `identity`, edited since or not), or "other" (made for
+    other settings whose hash starts the same: the cell takes a longer name)."""
+    config = _read_config(folder)
+    if config is None:
+        return "free"
+    recorded = recorded_identity(folder)
+    if recorded is not None:
+        return "ours" if recorded == identity else "other"
+    if not config or run_identity(config) == identity:
+        return "ours"  # an unreadable config: `ntksap.runs` refuses to resume over it
+    # a folder of an earlier version (no identity.json): its settings hash to its name when
+    # it is another cell's; when they do not, it is this cell's, edited by hand
+    return "other" if config_hash(config, 64).startswith(suffix) else "ours"
 
 
 def _pct(density: float) -> str:
@@ -405,13 +677,16 @@ def plan(spec: Sweep, out: str | os.PathLike[str]) -> list[Cell]:
     """Every (cell, seed) of the sweep, validated with `ntksap.runs.prepare` (no work done).
 
     Order: methods, then densities, then axis values, then seeds (a shard takes every n-th
-    run of this list, so shards get a mix of cheap and costly runs). Runs whose settings come
-    out identical (e.g. an axis that does not apply) appear once.
+    run of this list, so shards get a mix of cheap and costly runs). Two runs with the same
+    settings are an error naming both. Each run's folder is `<label>-<8 hex digits of
+    config_hash>`, with more digits where another run of the plan, or an existing folder made
+    for other settings, has that name (existing folders are read, never written).
     """
     spec.validate()
     out = Path(out)
     cells: list[Cell] = []
-    seen: set[str] = set()
+    seen: dict[str, str] = {}  # identity -> label of the run that has it
+    taken: set[str] = set()
     for method in spec.methods:
         opts = get_method(method).options
         axes = {k: vals for k, vals in spec.axes.items() if _applies(k, method, opts)}
@@ -436,10 +711,8 @@ def plan(spec: Sweep, out: str | os.PathLike[str]) -> list[Cell]:
                             + (f" ({where})" if where else "")
                             + f": {exc}"
                         ) from None
-                    h = config_hash(req.settings())
-                    if h in seen:
-                        continue
-                    seen.add(h)
+                    settings = req.settings()
+                    identity = run_identity(settings)
                     label = "-".join(
                         [method, f"s{_pct(density)}"]
                         + [
@@ -448,9 +721,23 @@ def plan(spec: Sweep, out: str | os.PathLike[str]) -> list[Cell]:
                         ]
                         + [f"seed{seed}"]
                     )
-                    name = f"{label}-{h}"
+                    if identity in seen:
+                        raise SweepError(
+                            f"runs {seen[identity]} and {label} have the same settings: "
+                            "remove the value that repeats another"
+                        )
+                    seen[identity] = label
+                    full = config_hash(settings, 64)
+                    for n in (8, 16, 32, 64):
+                        name = f"{label}-{full[:n]}"
+                        owner = _owner(out / RUNS_DIR / name, identity, full[:n])
+                        if name not in taken and owner != "other":
+                            break
+                    taken.add(name)
                     req.out = out / RUNS_DIR / name
-                    cells.append(Cell(name, h, method, density, seed, chosen, req))
+                    req.identity = identity
+                    cells.append(Cell(name, full[:8], method, density, seed, chosen, req,
+                                      identity))  # fmt: skip
     return cells
 
 
@@ -577,6 +864,9 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
         if not quiet:
             print(f"{prefix}{msg}", flush=True)
 
+    parent = _WORKER_SLOT.get("parent")
+    if parent is not None and os.getppid() != parent:  # the sweep is gone: take no more work
+        os._exit(1)
     device = payload.get("device")
     slot = _WORKER_SLOT.get("slot")
     if device is None and slot is not None:
@@ -607,10 +897,40 @@ def _job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 _WORKER_SLOT: dict[str, int] = {}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+PARENT_POLL_S = 0.5
 
 
-def _init_worker(slots: Any) -> None:
+def _init_worker(slots: Any, parent: int) -> None:
+    """Initialiser of a local pool worker: its slot (GPU) number, and it dies with `parent`
+    (the sweep process): a SIGKILLed sweep cannot shut its pool down, and workers left
+    behind would run the queue and wait for more forever."""
+    _die_with_parent(parent)
     _WORKER_SLOT["slot"] = slots.get()
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel SIGKILLs this process when its parent dies (PR_SET_PDEATHSIG).
+    Everywhere, as a fallback: a thread exits the process once the parent pid changes (the
+    orphan was re-parented), and `_job` checks it before each run."""
+    _WORKER_SLOT["parent"] = parent
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no prctl here: the thread below still watches
+            pass
+    if os.getppid() != parent:  # died before prctl took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_S)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="ntksap-parent-watch", daemon=True).start()
 
 
 def _gpu_for_slot(slot: int) -> str | None:
@@ -665,8 +985,10 @@ def run_sweep(
     todo: list[Cell] = []
     outcomes: list[Outcome] = []
     for c in mine:
-        state = runs.status(c.folder)
-        if state in runs.FINAL_STATUSES or (state == "failed" and not retry_failed):
+        state = cell_status(c)
+        if state == "edited":  # never run over, never counted as done
+            outcomes.append(Outcome(c.name, "edited", runs.status(c.folder), error=EDITED_MESSAGE))
+        elif state in runs.FINAL_STATUSES or (state == "failed" and not retry_failed):
             outcomes.append(Outcome(c.name, "skipped", state))
         else:
             todo.append(c)
@@ -684,16 +1006,17 @@ def run_sweep(
         },
     )
     # One writer per machine for the index: the process driving the whole sweep.
-    index = Index(out) if shard is None and executor != "slurm" else None
-    if index is not None:
-        index.sync([c.folder for c in cells if c.folder.exists()])
+    index = Index(out, note=log) if shard is None and executor != "slurm" else None
+    index = _synced(index, [c.folder for c in cells if c.folder.exists()], log)
 
-    done_before = len(mine) - len(todo)
+    edited = sum(o.status == "edited" for o in outcomes)
+    done_before = len(mine) - len(todo) - edited
     where = f" (shard {shard[0]}/{shard[1]}: {len(mine)} of {len(cells)})" if shard else ""
     failed_kept = sum(o.before == "failed" for o in outcomes)
     log(
         f"sweep {out}: {len(cells)} runs{where}; {done_before} already done"
         + (f" ({failed_kept} failed: --retry-failed runs them again)" if failed_kept else "")
+        + (f", {edited} edited by hand (left alone, see below)" if edited else "")
         + f", {len(todo)} to run with the {executor} executor"
         + (f", {jobs} at a time" if jobs > 1 and executor != "slurm" else "")
     )
@@ -721,6 +1044,21 @@ def run_sweep(
     else:
         _run_submitit(spec, out, executor, todo, payloads, jobs, wait, tracker, summary, log)
     return summary
+
+
+def _synced(
+    index: Index | None, folders: Sequence[Path], log: Callable[[str], None]
+) -> Index | None:
+    """`index.sync(folders)`; an index that cannot be used now is left alone for the rest of
+    this invocation, with a one-line note (it is a cache: the run folders are the results)."""
+    if index is None:
+        return None
+    try:
+        index.sync(folders)
+    except IndexUnavailable as exc:
+        log(f"note: {exc}; this sweep goes on without it")
+        return None
+    return index
 
 
 def _check_data(cells: Sequence[Cell]) -> None:
@@ -783,8 +1121,7 @@ class _Tracker:
             f"about {_duration(left)} left"
         )
         self.summary.outcomes.append(o)
-        if self.index is not None:
-            self.index.sync([self.folders[o.name]])
+        self.index = _synced(self.index, [self.folders[o.name]], self.log)
         return o
 
 
@@ -810,12 +1147,12 @@ def _run_pool(
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")  # no forked torch state (threads, CUDA) in the workers
-    slots = ctx.Manager().Queue()
+    slots = ctx.Queue()  # handed to each worker as it starts (no manager process to outlive us)
     for k in range(jobs):
         slots.put(k)
     threads = max(1, (os.cpu_count() or 1) // jobs)
     with cf.ProcessPoolExecutor(
-        jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots,)
+        jobs, mp_context=ctx, initializer=_init_worker, initargs=(slots, os.getpid())
     ) as pool:
         futures = [pool.submit(_job, {**p, "threads": threads}) for p in payloads]
         try:
@@ -953,6 +1290,7 @@ __all__ = [
     "Sweep",
     "SweepError",
     "SweepSummary",
+    "cell_status",
     "classify",
     "classify_axis",
     "describe",
