@@ -649,6 +649,8 @@ def to_markdown(table: Table) -> str:
         for row, rec in unfinished:
             status = rec.status if rec.status != "finished" else "finished, no final top-1"
             error = str((rec.result or {}).get("error") or "")
+            if rec.status == "edited":  # its numbers belong to no known setting
+                error = "config.json was changed after the run: not counted"
             if len(error) > 120:
                 error = error[:117] + "..."
             sparsity, _ = column_of(rec)

@@ -382,6 +382,12 @@ class Sweep:
         spec.axes = {
             k: _list(f"[grid.axes] {k}", k, vals, f"{k} = [1, 2]") for k, vals in axes.items()
         }
+        if isinstance(raw.get("methods"), list):  # the grid's list, written at the top
+            raise SweepError(
+                f"[methods] must be a table of per-method settings ([methods.ntksap] ...), got "
+                f"a list: {raw['methods']!r}; the methods to compare go in [grid]: "
+                f"methods = {_toml(raw['methods'])}"
+            )
         per_method = _table("[methods]", raw.get("methods", {}))
         spec.per_method = {
             str(m).lower(): _table(f"[methods.{m}] (settings of the method {m!r})", t)
