@@ -8,7 +8,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ntksap-installed
 
-.PHONY: demo test lint bench clean sparse-kernels
+.PHONY: demo test lint bench clean sparse-kernels fuzz
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,12 @@ demo: $(STAMP) $(SPARSE_KERNELS)
 
 test: $(STAMP) $(SPARSE_KERNELS)
 	$(PY) -m pytest
+
+# Structure-aware fuzzing of ntksap.sparse files (a small budget runs in `make test`):
+# forged copies of saved models, each loaded and run in a memory- and time-limited worker.
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP) $(SPARSE_KERNELS)
+	$(PY) tests/fuzz_sparse_file.py --examples $(FUZZ_EXAMPLES)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -165,3 +165,9 @@ def forged(name: str, change: Callable[[dict[str, Any], dict[str, torch.Tensor]]
 def deep(levels: int) -> str:
     """JSON text of a value nested `levels` lists deep (json.dumps itself would recurse)."""
     return "[" * levels + "1" + "]" * levels
+
+
+def nested_metadata(meta: dict[str, Any], _tensors: dict[str, torch.Tensor]) -> str:
+    """A change for `forge` / `forged`: the metadata text with the first node's name
+    replaced by a list nested 5000 deep."""
+    return json.dumps(meta).replace('"x"', deep(5000), 1)

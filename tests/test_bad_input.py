@@ -14,6 +14,8 @@ import ntksap
 from ntksap.cli import main
 from ntksap.masks import Masks
 from ntksap.models import create
+from ntksap.sparse import load as sparse_load
+from sparse_file_forge import forged, mlp_bomb, nested_metadata
 
 PRUNE = ["prune", "--model", "lenet5", "--method", "magnitude"]
 RUN = ["run", "--dataset", "digits", "--model", "lenet5", "--method", "magnitude"]
@@ -155,6 +157,30 @@ CASES: list[tuple[str, object, list[str]]] = [
      density=0.5, device="cuda:3")), ["cuda"]),
     ("masks metadata", _library(lambda: Masks({"w": torch.ones(2, dtype=torch.bool)},
      {"model": 3})), ["'model' must be str"]),
+    # --- sparse-file: ntksap.sparse.load of forged files (tests/sparse_file_forge.py) ---
+    ("sparse-file code in a placeholder", _library(lambda: sparse_load(forged("placeholder",
+     lambda m, t: m["structure"]["nodes"][0].update(target='x=open("pwned", "w")')))),
+     ["nodes[0].target", "must match"]),
+    ("sparse-file getattr of a dunder", _library(lambda: sparse_load(forged("getattr",
+     lambda m, t: m["structure"]["nodes"].insert(1, {"name": "g", "op": "call_function",
+     "target": "builtins.getattr", "args": {"__tuple__": [{"__node__": "x"}, "__class__"]},
+     "kwargs": {"__dict__": {}}})))), ["getattr may only read"]),
+    ("sparse-file new_ones", _library(lambda: sparse_load(forged("new_ones",
+     lambda m, t: m["structure"]["nodes"].insert(1, {"name": "b", "op": "call_method",
+     "target": "new_ones", "args": {"__tuple__": [{"__node__": "x"}, 1000000, 1000]},
+     "kwargs": {"__dict__": {}}})))), ["nodes[1].target", "must be one of", "new_ones"]),
+    ("sparse-file zoo keywords", _library(lambda: sparse_load(forged("zoo", mlp_bomb))),
+     ["weight_shape", "differs", "30000"]),
+    ("sparse-file rowptr decreases", _library(lambda: sparse_load(forged("rowptr",
+     lambda m, t: t["net.fc.rowptr"].__setitem__(1, 99)))),
+     ["'net.fc.rowptr'", "never decrease"]),
+    ("sparse-file weight_shape", _library(lambda: sparse_load(forged("shape",
+     lambda m, t: m["structure"]["modules"]["fc"]["config"].update(weight_shape=[7, 4])))),
+     ["'net.fc.rowptr'", "must have shape (8,)"]),
+    ("sparse-file nested JSON", _library(lambda: sparse_load(forged("nested",
+     nested_metadata))), ["nested"]),
+    ("sparse-file extra tensor", _library(lambda: sparse_load(forged("extra",
+     lambda m, t: t.update(extra=torch.zeros(1))))), ["'extra'", "not part of the structure"]),
 ]  # fmt: skip
 
 

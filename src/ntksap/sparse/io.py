@@ -86,6 +86,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ntksap.sparse import _ext
+from ntksap.sparse import layers as _layers
 from ntksap.sparse.convert import LayerDecision, SparseModel, _assign_buffers, decisions_json
 from ntksap.sparse.layers import (
     CHAIN_MODES,
@@ -805,9 +806,12 @@ class _Reader:
             "residual": residual,
             "mode": mode,
         }
-        layer: _SparseBase = (
-            SparseConv2d(**common, **conv) if kind == "conv" else SparseLinear(**common)
-        )
+        try:
+            layer: _SparseBase = (
+                SparseConv2d(**common, **conv) if kind == "conv" else SparseLinear(**common)
+            )
+        except (ValueError, TypeError) as exc:  # the layer's own checks
+            _fail(where, str(exc))
         layer.source_name = source
         return layer.eval()
 
@@ -838,6 +842,13 @@ class _Reader:
         bias = t.get(prefix + "bias", torch.float32, (rows if has_bias else 0,),
                      "bias" if has_bias else "empty bias (has_bias is false)")  # fmt: skip
         _check_csr(prefix, rowptr, col, fan_in)
+        # the layers' own CSR check as well, where this version of layers.py has one
+        layer_check = getattr(_layers, "check_csr", None)
+        if layer_check is not None:
+            try:
+                layer_check(rowptr, col, values, shape)
+            except ValueError as exc:
+                _fail(f"tensors {prefix}rowptr / col_idx / values", str(exc))
         return rowptr, col, values, bias if has_bias else None
 
     # -- chains -------------------------------------------------------------------------
@@ -1223,6 +1234,12 @@ class _CallGuard:
         try:
             with torch.no_grad():
                 _meta_call(module, _to_meta(args), _to_meta(kwargs), limit, 0, "<model>")
+        except (ValueError, TypeError, RuntimeError):
+            raise
+        except Exception as exc:  # a module of the file given arguments it cannot take
+            raise TypeError(
+                f"the loaded model cannot run on this input: {type(exc).__name__}: {exc}"
+            ) from exc
         finally:
             _CHECKING.active = False
         if len(self.checked) >= _SIGNATURES_KEPT:
@@ -1370,9 +1387,14 @@ def _graph_meta(
                 value = n.target(*a, **kw)
             else:
                 value = getattr(a[0], n.target)(*a[1:], **kw)
-        except Exception as exc:
+        except (ValueError, TypeError, RuntimeError) as exc:
             exc.add_note(f"(checking the loaded model's node {here} on the meta device)")
             raise
+        except Exception as exc:  # e.g. an AttributeError from an argument of the wrong type
+            raise TypeError(
+                f"the loaded model cannot run node {here} on this input: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
         if inner is None:
             inner = _numel(value)
         need = sum(live.values()) + inner
