@@ -375,6 +375,13 @@ def test_a_corrupt_index_is_moved_aside_and_rebuilt(
     assert main(["report", str(out), "--out", str(tmp_path / "rep")]) == 0
     assert "2 runs: 2 finished" in (tmp_path / "rep" / "report.md").read_text()
     assert "Traceback" not in capsys.readouterr().err
+    # --rebuild of a corrupt index: moved aside too, never deleted
+    (out / INDEX_FILE).write_bytes(bad)
+    assert Index(out, note=notes.append).rebuild() == 2
+    aside = [
+        p for p in out.glob(f"{INDEX_FILE}.corrupt-*") if not p.name.endswith(("-wal", "-shm"))
+    ]
+    assert len(aside) == 3 and all(p.read_bytes() == bad for p in aside)
 
 
 def test_a_locked_index_is_passed_by(

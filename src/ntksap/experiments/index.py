@@ -303,11 +303,26 @@ class Index:
         return changed
 
     def rebuild(self) -> int:
-        """Delete the index and build it again from the run folders; returns the row count."""
+        """Delete the index and build it again from the run folders; returns the row count.
+        A corrupt index is moved aside (index.sqlite.corrupt-<time>), not deleted."""
+        if self.path.is_file() and not self._healthy():
+            moved = self._move_aside()
+            self.note(f"note: the index {self.path} was corrupt: moved to {moved.name}")
         for suffix in ("", "-wal", "-shm"):
             with contextlib.suppress(FileNotFoundError):
                 Path(str(self.path) + suffix).unlink()
         return self.sync()
+
+    def _healthy(self) -> bool:
+        """Whether the index file reads as a sound SQLite database (PRAGMA quick_check)."""
+        try:
+            con = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S)
+            try:
+                return con.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+            finally:
+                con.close()
+        except sqlite3.Error as exc:
+            return _unusable(exc)  # locked is not corrupt: deleting it is what was asked
 
     def rows(self, where: str = "", params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
         """Rows as dicts (axes, config and result decoded), ordered by name.
