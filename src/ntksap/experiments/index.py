@@ -183,7 +183,7 @@ class Index:
         self.path = self.sweep_dir / INDEX_FILE
         self.note = note
 
-    def _guard(self, work: Callable[[], _T], *, rebuild_on_corrupt: bool = True) -> _T:
+    def _guard(self, work: Callable[[], _T]) -> _T:
         """`work()` (one or more transactions); a corrupt index is moved aside and `work`
         runs again on a fresh one, rebuilt first from every folder; an index out of reach
         raises `IndexUnavailable` naming it and the way out."""
@@ -203,8 +203,7 @@ class Index:
                 "rebuilding it from the run folders"
             )
         try:
-            if rebuild_on_corrupt:
-                self._sync()
+            self._sync()
             return work()
         except IndexUnavailable:
             raise
