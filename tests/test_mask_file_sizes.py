@@ -133,3 +133,33 @@ def test_untouched_mask_file_still_exports(mask_file, tmp_path):
     out = export_source(mask_file, tmp_path / "ok.onnx")
     assert out.path.is_file()
     assert out.input_shape == (1, 28, 28)
+
+
+# The report's effective sparsity of a mask file, in a child that prints its peak memory.
+_REPORT_PEAK = """
+import resource, sys
+from ntksap.experiments.records import mask_effective_sparsity
+print(mask_effective_sparsity(sys.argv[1]))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "MiB")
+"""
+
+
+def test_report_builds_no_model_larger_than_the_masks(tmp_path):
+    path = tmp_path / "mlp.safetensors"
+    net = create("mlp", input_size=8)
+    masks = ntksap.prune(net, "magnitude", sparsity=0.5, input_shape=(1, 8, 8))
+    masks.metadata["model_args"] = {"input_size": 8}
+    masks.save(path)
+    honest = subprocess.run(
+        [sys.executable, "-c", _REPORT_PEAK, str(path)], capture_output=True, text=True, timeout=300
+    )
+    assert honest.stdout.split()[0] != "None", honest.stderr[-2000:]
+    # a forged width: a 30000 x 30000 hidden layer is 3.6 GB of float32
+    bad = tmp_path / "wide.safetensors"
+    _forge(path, bad, **{"model_args.hidden": [30000, 30000]})
+    proc = subprocess.run(
+        [sys.executable, "-c", _REPORT_PEAK, str(bad)], capture_output=True, text=True, timeout=300
+    )
+    value, peak = proc.stdout.split()[:2]
+    assert value == "None"  # shown as n/a: the masks do not fit the forged model
+    assert int(peak) < 1500, f"peak {peak} MiB"

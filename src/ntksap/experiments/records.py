@@ -238,7 +238,9 @@ def mask_effective_sparsity(path: str | os.PathLike[str]) -> float | None:
         import torch
 
         with torch.random.fork_rng(devices=[]):  # the weights' values do not matter
-            model = models.create(name, **args)
+            # the keywords come from the file: the model must fit its masks on the meta
+            # device before it is allocated (a forged `hidden` would allocate gigabytes)
+            model = masks.build_fitting(lambda: models.create(name, **args))
         return 1.0 - effective(model, masks, input_shape=shape).density
     except Exception:  # a torn or foreign file: the report shows n/a, it does not fail
         return None
