@@ -398,6 +398,10 @@ JSON_FORGERIES = [
      lambda m, t: m["structure"]["modules"].update(
          spare={"kind": "torch", "class": "ReLU", "init": {}, "prefix": "net.spare."}),
      "not used by any node"),
+    ("module named like a module attribute", lambda m, t: (
+        m["structure"]["nodes"][1].update(target="training"),
+        m["structure"]["modules"].update(training=m["structure"]["modules"].pop("fc")))[0],
+     "would shadow the module attribute 'training'"),
     ("prefix elsewhere", lambda m, t: (
         m["structure"]["modules"]["fc"].update(prefix="net.other."),
         t.update({k.replace("net.fc.", "net.other."): t.pop(k) for k in list(t)}))[0],

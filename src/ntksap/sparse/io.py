@@ -46,7 +46,9 @@ layers keep the mode (sparse / dense) chosen at conversion.
   device: every node's output (and the im2col buffer of every conv) counts, and the peak of
   what is alive at once must stay below max(`CALL_FLOOR`, `CALL_FACTOR` x (input elements +
   stored elements)), so no graph can amplify its input into an allocation bomb. Later calls
-  with the same shapes only look the signature up.
+  with the same shapes only look the signature up (about 1 us per call; the first check in
+  a process also imports torch's meta kernels, about 1 s once). The check sits on the
+  loaded root, or, for a zoo model's own Python forward, on each module that forward calls.
 
 Every malformed file is a ValueError naming the field or tensor and the rule (or a
 FileNotFoundError); a call that the check refuses is a ValueError, a shape mismatch the
@@ -597,9 +599,19 @@ def _module_path(v: Any, where: str) -> str:
     for part in s.split("."):
         if not _PATH_PART.fullmatch(part) or keyword.iskeyword(part) or part.startswith("__"):
             _fail(where, f"{s!r} is not a dotted path of plain identifiers or indices")
-        if hasattr(fx.GraphModule, part):
+        if part in _MODULE_ATTRIBUTES:
             _fail(where, f"{s!r} would shadow the module attribute {part!r}")
     return s
+
+
+def _module_attributes() -> frozenset[str]:
+    """Names of nn.Module / fx.GraphModule attributes (class and instance) that a submodule
+    or stored tensor must not replace (`forward`, `training`, `graph`, `_modules`, ...)."""
+    instance = fx.GraphModule(nn.Module(), fx.Graph())
+    return frozenset(dir(fx.GraphModule)) | frozenset(vars(instance))
+
+
+_MODULE_ATTRIBUTES = _module_attributes()
 
 
 def _parse_json(raw: Any) -> dict[str, Any]:
@@ -676,7 +688,8 @@ def _decode_arg(a: Any, env: dict[str, fx.Node], where: str, depth: int = 0) -> 
         )
     if tag == "__dict__":
         if not isinstance(v, dict) or len(v) > _MAX_ARG_LIST:
-            _fail(where, f"__dict__ must be an object of at most {_MAX_ARG_LIST} entries")
+            _fail(where, f"__dict__ must hold an object of at most {_MAX_ARG_LIST} entries, "
+                  f"got {_show(v)}")  # fmt: skip
         return {
             _ident(k, f"{where}.__dict__ key"): _decode_arg(x, env, f"{where}.{k}", depth + 1)
             for k, x in v.items()
@@ -944,7 +957,7 @@ class _Reader:
         out = {}
         for name, child in spec.items():
             w = f"{where}[{name!r}]"
-            if not _PATH_PART.fullmatch(name) or hasattr(fx.GraphModule, name):
+            if not _PATH_PART.fullmatch(name) or name in _MODULE_ATTRIBUTES:
                 _fail(w, "a child name must be an identifier or an index and shadow no "
                       "module attribute")  # fmt: skip
             if keyword.iskeyword(name) or name.startswith("__"):
