@@ -136,7 +136,8 @@ def linear_file(
 
 def mlp_bomb(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
     """The zoo MLP as a "python" part (its forward checks the input size, so torch.fx cannot
-    trace it) with keywords that build two 30000-wide layers (3.6 GB of weights)."""
+    trace it) with keywords that name two 30000-wide layers (3.6 GB of weights, if the
+    zoo model were built for real) and one stored 784 -> 10 layer in their place."""
     gen = torch.Generator().manual_seed(1)
     tensors.clear()
     tensors.update(csr("net.layers.", torch.randn(10, 784, generator=gen), torch.zeros(10)))

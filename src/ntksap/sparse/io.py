@@ -37,9 +37,10 @@ layers keep the mode (sparse / dense) chosen at conversion.
   graph contains only those identifiers;
 - "torch" modules are built on the meta device and their parameter / buffer shapes compared
   with the stored tensors before these are put in; the zoo model of a "python" part is built
-  on the meta device, its Conv2d / Linear shapes compared with the converted layers and its
-  own tensors with the stored ones, and only then given the file's tensors (its replaced
-  children are never allocated);
+  on the meta device (its keywords allocate nothing, whatever sizes they name), its class,
+  children and own tensors compared with the file's, and it is then given the file's
+  tensors and converted children: the zoo's own layers are never allocated, so a compacted
+  model (narrower than its zoo keywords say) loads too;
 - what load allocates beyond the stored tensors (dense weights of dense-mode layers) is at
   most max(`LOAD_FLOOR`, `LOAD_FACTOR` x the stored elements);
 - at the first call with each input signature, the loaded model is run once on the meta
@@ -1458,24 +1459,6 @@ def _zoo_meta(zoo: dict[str, Any]) -> nn.Module:
         _fail("metadata.zoo_model", f"models.create({_show(zoo)}) failed: {exc}")
 
 
-def _check_zoo_layers(net: nn.Module, zoo_root: nn.Module, zoo: dict[str, Any]) -> None:
-    """Each converted layer of a model rebuilt from the zoo has the shape of the zoo
-    model's layer it came from (its source_name)."""
-    modules = dict(zoo_root.named_modules())
-    for path, layer in net.named_modules():
-        if not isinstance(layer, _SparseBase):
-            continue
-        where = f"layer net.{path} (source_name {layer.source_name!r})"
-        original = modules.get(layer.source_name)
-        if not isinstance(original, nn.Conv2d | nn.Linear):
-            _fail(where, f"{layer.source_name!r} is not a Conv2d / Linear of the zoo model "
-                  f"{_show(zoo)}")  # fmt: skip
-        if tuple(original.weight.shape) != layer.weight_shape:
-            _fail(where, f"weight_shape {list(layer.weight_shape)} differs from "
-                  f"{layer.source_name}'s {list(original.weight.shape)} in the zoo model "
-                  f"{_show(zoo)}")  # fmt: skip
-
-
 def _decisions(raw: Any) -> list[LayerDecision]:
     out = []
     names = set()
@@ -1536,12 +1519,9 @@ def _read(raw: Any, tensors: _Tensors) -> SparseModel:
             _fail("metadata.structure", "an untraceable model (kind 'python') can only be "
                   "rebuilt from the zoo, but metadata.zoo_model is null")  # fmt: skip
         zoo_root = _zoo_meta(zoo)
-    # kept for the comparison: the meta modules are changed in place by the build
-    zoo_shapes = _zoo_meta(zoo) if zoo_root is not None else None
     reader = _Reader(tensors)
     net = reader.build(spec, "metadata.structure", "net.", zoo_root, False)
-    if zoo_shapes is not None:
-        _check_zoo_layers(net, zoo_shapes, zoo)
+    if zoo_root is not None:
         left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
         if left:
             _fail("metadata.structure", f"the zoo model's tensors {left[:5]} are not in the file")
