@@ -157,6 +157,14 @@ CASES: list[tuple[str, object, list[str]]] = [
      density=0.5, device="cuda:3")), ["cuda"]),
     ("masks metadata", _library(lambda: Masks({"w": torch.ones(2, dtype=torch.bool)},
      {"model": 3})), ["'model' must be str"]),
+    # --- px variants: an option the variant fixes, given another value ---
+    ("px variant fixes norm_stats", _library(lambda: ntksap.prune(_net(), "px", density=0.5,
+     data=[(torch.randn(6, 1, 4, 4), torch.arange(6) % 3)], variant="code-2024",
+     norm_stats="running")), ["variant='code-2024' fixes norm_stats='batch'",
+     "got norm_stats='running'", "'code-2025' or 'paper'"]),
+    ("px paper with a classifier", [*PRUNE[:3], "--method", "px", "--sparsity", ".5",
+     "--variant", "paper", "--classifier", "fc3"], ["variant='paper' fixes no classifier",
+     "variant='code-2025'"]),
     # --- sparse-file: ntksap.sparse.load of forged files (tests/sparse_file_forge.py) ---
     ("sparse-file code in a placeholder", _library(lambda: sparse_load(forged("placeholder",
      lambda m, t: m["structure"]["nodes"][0].update(target='x=open("pwned", "w")')))),

@@ -475,8 +475,10 @@ def test_registered_with_the_paper_defaults():
     assert "px" in ntksap.list_methods()
     assert meth.needs_data and meth.default_rounds == 100
     assert meth.defaults == {
-        "classifier": None, "leaky_gate": "squared", "norm_stats": "running", "precision": "auto"
+        "variant": "code-2025", "classifier": None, "leaky_gate": None, "norm_stats": None,
+        "precision": "auto",
     }  # fmt: skip
+    assert meth.options["variant"].choices == ("code-2025", "paper", "code-2024")
 
 
 def test_cli_lists_and_prunes_with_px(tmp_path, capsys):
