@@ -74,8 +74,8 @@ lib/pruners.py class PX, exactly as it ran, its copy bug included:
     Since pk sees the real batch, the all-ones blind spot of norm_stats="batch" (below)
     does not arise, and no rounding check runs.
 
-paper: the equations of arXiv 2406.01820 as written. Their full text could not be read
-where this was written (only the abstract is available here), so this variant rests on what
+paper: the equations of arXiv 2406.01820 as written. The paper's full text was not
+available when this variant was written (only its abstract), so the variant rests on what
 can be cited: the paper's sentence on the jvf copy quoted in the repository's issue tracker
 (same issue, October 2024): "it takes the squared data as input, the parameters are all
 one, and the activations status is an exact copy of that of f"; and its bound as a reader
@@ -89,7 +89,7 @@ in jvf and squared in pk like any layer (the one difference from code-2025's str
 the activation pass is read here as f in eval mode (the network as it computes). The score
 is |dR/dp| * theta^2 with p = theta^2, as the February 2025 code computes it (its author
 wrote, in the same issue, that he realigned that code "with the original implementation");
-the paper's own saliency equation could not be checked here. Norm layers are not in the
+the paper's own saliency equation could not be checked. Norm layers are not in the
 equations: they keep theta in both copies, as both codes do, and norm_stats chooses their
 mode (default "running").
 
