@@ -67,10 +67,12 @@ from ntksap.sparse import _ext
 from ntksap.sparse.layers import (
     BufferPool,
     InferenceOnly,
+    InputTypeError,
     SparseChain,
     SparseConv2d,
     SparseLinear,
     _SparseBase,
+    check_input,
 )
 
 __all__ = ["LayerDecision", "SparseModel", "convert"]
@@ -130,13 +132,20 @@ class SparseModel(InferenceOnly):
         super().train(False)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled() and any(
-            isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())
-        ):
-            raise RuntimeError(
-                "ntksap.sparse modules are inference-only: an input requires grad; call them "
-                "under torch.no_grad() / torch.inference_mode(), or train the masked dense model"
-            )
+        # What torch's dense model would refuse too: a floating input that is not float32,
+        # any tensor off the CPU or not strided, an input that requires grad. Integer
+        # tensors (indices) go to the network as they are; each sparse layer and chain
+        # checks rank, channels and size of its own input.
+        for i, a in enumerate((*args, *kwargs.values())):
+            if isinstance(a, torch.Tensor):
+                name = f"input {i}" if i < len(args) else f"input {list(kwargs)[i - len(args)]!r}"
+                if a.is_floating_point() or a.is_complex():
+                    check_input(a, "SparseModel", name, meta=False)
+                elif not a.is_cpu or a.layout is not torch.strided:
+                    raise InputTypeError(
+                        f"SparseModel runs on dense CPU tensors, got {name} on {a.device} "
+                        f"({a.layout})"
+                    )
         with torch.no_grad():
             return self.net(*args, **kwargs)
 

@@ -11,7 +11,17 @@ is ReLU or nothing and the optional residual is added before it (a ResNet block'
 
 Weights are buffers, never parameters: the layers do not train. CSR: `rowptr` (int32,
 out + 1), `col_idx` (int32, nnz; for a conv the column is c * kh * kw + dy * kw + dx),
-`values` (float32, nnz), over the weight reshaped to (out_features, fan_in).
+`values` (float32, nnz), over the weight reshaped to (out_features, fan_in). Constructors
+check every invariant the kernels index with (`check_csr`); the C++ kernels check the
+index arrays again on every call (a later in-place write raises, never reads out of
+bounds).
+
+Inputs are checked as torch's own modules check them (rank, channels / features, dtype,
+device; `InputTypeError` / `InputShapeError`, both RuntimeErrors as torch raises), in
+every mode. NaN and inf propagate exactly as through the dense masked layer: a sparse
+product skips the zero weights, but the dense one multiplies them (0 * NaN = 0 * inf =
+NaN), so an input holding NaN / inf is computed densely (the C++ kernels detect it while
+they copy or scan their input; the fused ReLU keeps NaN, as torch's).
 
 Example:
     >>> import torch
@@ -27,6 +37,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 from typing import Any, Self
@@ -37,7 +48,17 @@ from torch import nn
 
 from ntksap.sparse import _ext
 
-__all__ = ["BufferPool", "SparseChain", "SparseConv2d", "SparseLinear", "to_csr"]
+__all__ = [
+    "BufferPool",
+    "InputShapeError",
+    "InputTypeError",
+    "SparseChain",
+    "SparseConv2d",
+    "SparseLinear",
+    "check_csr",
+    "check_input",
+    "to_csr",
+]
 
 MODES = ("sparse", "dense")
 # "no tensor" for the kernels' optional arguments; never written to (the kernels allocate
@@ -46,6 +67,8 @@ _EMPTY = torch.empty(0)
 # readable floats after a padded buffer (>= kSlack in csrc/sparse_kernels.cpp: strips of
 # discarded "wide" outputs read a little past the last plane)
 PAD_SLACK = 256
+# largest stride / padding / kernel size the C++ kernels take (kMaxGeom in the C++)
+_MAX_GEOMETRY = 1 << 16
 
 
 def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -65,8 +88,118 @@ def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return rowptr, col, w[keep].contiguous()
 
 
+def check_csr(
+    rowptr: Any, col_idx: Any, values: Any, weight_shape: tuple[int, ...] | list[int]
+) -> None:
+    """Raise ValueError unless (rowptr, col_idx, values) is a valid CSR of a weight of
+    `weight_shape`, (out, in) or (out, in/groups, kh, kw), reshaped to (out, K) with K the
+    product of the other entries: CPU tensors, 1-D and contiguous; int32 indices, float32
+    values; len(rowptr) = out + 1, rowptr[0] = 0, never decreasing, rowptr[-1] = nnz =
+    len(col_idx) = len(values); 0 <= col < K and strictly increasing within a row (sorted,
+    no duplicates: what `to_csr` writes, and what makes the dense and the sparse product
+    the same sum). Messages name the array, the rule and the first offending index and
+    value, and are self-contained (a loader can prefix the tensor's name in its file).
+    O(out + nnz), vectorised.
+
+    Example:
+        >>> rp, col, val = to_csr(torch.tensor([[0.0, 2.0], [3.0, 0.0]]))
+        >>> check_csr(rp, col, val, (2, 2))
+        >>> try:
+        ...     check_csr(rp, col * 5, val, (2, 2))
+        ... except ValueError as e:
+        ...     print(e)
+        col_idx[0] = 5 is outside [0, 2) (in_features)
+    """
+    shape = _check_weight_shape(weight_shape)
+    for name, t, dtype in (
+        ("rowptr", rowptr, torch.int32),
+        ("col_idx", col_idx, torch.int32),
+        ("values", values, torch.float32),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+        if t.device.type != "cpu" or t.layout != torch.strided:
+            raise ValueError(
+                f"{name} must be a dense CPU tensor, got one on {t.device} ({t.layout})"
+            )
+        if t.dim() != 1:
+            raise ValueError(f"{name} must be 1-D, got shape {list(t.shape)}")
+    rows, fan_in = shape[0], math.prod(shape[1:])
+    if rowptr.numel() != rows + 1:
+        raise ValueError(
+            f"rowptr must have out + 1 = {rows + 1} entries (weight_shape[0] = {rows}), "
+            f"got {rowptr.numel()}"
+        )
+    nnz = col_idx.numel()
+    if values.numel() != nnz:
+        raise ValueError(
+            f"values has {values.numel()} entries and col_idx {nnz}: one value per column index"
+        )
+    rp = rowptr.to(torch.int64)
+    if int(rp[0]) != 0:
+        raise ValueError(f"rowptr[0] = {int(rp[0])}, must be 0")
+    steps = rp[1:] - rp[:-1]
+    down = (steps < 0).nonzero()
+    if down.numel():
+        i = int(down[0, 0])
+        raise ValueError(
+            f"rowptr must never decrease: rowptr[{i}] = {int(rp[i])} > "
+            f"rowptr[{i + 1}] = {int(rp[i + 1])}"
+        )
+    if int(rp[-1]) != nnz:
+        raise ValueError(f"rowptr[-1] = {int(rp[-1])} must equal nnz = len(col_idx) = {nnz}")
+    if nnz == 0:
+        return
+    col = col_idx.to(torch.int64)
+    outside = ((col < 0) | (col >= fan_in)).nonzero()
+    if outside.numel():
+        j = int(outside[0, 0])
+        raise ValueError(
+            f"col_idx[{j}] = {int(col[j])} is outside [0, {fan_in}) ({_fan_in_words(shape)})"
+        )
+    # within a row, each column exceeds the one before it; a row's first entry may be
+    # anything (rowptr[1:-1] are where rows start)
+    rising = col[1:] > col[:-1]
+    starts = rp[1:-1]
+    starts = starts[(starts > 0) & (starts < nnz)]
+    rising[starts - 1] = True
+    bad = (~rising).nonzero()
+    if bad.numel():
+        j = int(bad[0, 0]) + 1
+        row = int(torch.searchsorted(rp, j, right=True)) - 1
+        raise ValueError(
+            f"col_idx must increase strictly within a row (sorted, no duplicates): row {row} "
+            f"has col_idx[{j}] = {int(col[j])} after col_idx[{j - 1}] = {int(col[j - 1])}"
+        )
+
+
+def _check_weight_shape(weight_shape: Any) -> tuple[int, ...]:
+    """`weight_shape` as a tuple of positive ints, (out, in) or (out, in/groups, kh, kw)."""
+    if not isinstance(weight_shape, tuple | list | torch.Size) or len(weight_shape) not in (2, 4):
+        raise ValueError(
+            f"weight_shape must be (out, in) or (out, in/groups, kh, kw), got {weight_shape!r}"
+        )
+    for i, v in enumerate(weight_shape):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(
+                f"weight_shape[{i}] must be a positive int, got {v!r} (weight_shape "
+                f"{list(weight_shape)})"
+            )
+    return tuple(weight_shape)
+
+
+def _fan_in_words(shape: tuple[int, ...]) -> str:
+    if len(shape) == 2:
+        return "in_features"
+    return f"in_channels/groups * kh * kw = {shape[1]} * {shape[2]} * {shape[3]}"
+
+
 def _from_csr(rowptr: torch.Tensor, col: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    """The dense (rows, cols) matrix of a CSR triple."""
+    """The dense (rows, cols) matrix of a CSR triple (checked first: it may have been
+    written to since the layer was built)."""
+    check_csr(rowptr, col, values, shape)
     rows = rowptr.numel() - 1
     counts = (rowptr[1:] - rowptr[:-1]).to(torch.int64)
     row_idx = torch.repeat_interleave(torch.arange(rows), counts)
@@ -87,15 +220,77 @@ class InferenceOnly(nn.Module):
         return super().train(False)
 
 
-def check_input(x: torch.Tensor) -> None:
-    """The input checks of the sparse layers: float32, and no gradient wanted."""
+class InputTypeError(TypeError, RuntimeError):
+    """An input a sparse module cannot take: not a tensor, wrong dtype, device, layout or
+    rank. A RuntimeError, as torch's own modules raise for these, and a TypeError."""
+
+
+class InputShapeError(ValueError, RuntimeError):
+    """An input whose channels / features or size do not fit the weights. A RuntimeError,
+    as torch's own modules raise for these, and a ValueError."""
+
+
+def _who(owner: object) -> str:
+    """How a message names the module: its class and, when known, its name in the model."""
+    if isinstance(owner, str):
+        return owner
+    name = getattr(owner, "source_name", "") or getattr(owner, "name", "")
+    return type(owner).__name__ + (f" {name!r}" if name else "")
+
+
+def check_input(
+    x: Any, owner: object = "ntksap.sparse", name: str = "input", *, meta: bool = True
+) -> None:
+    """The input checks every sparse module makes (each adds its own rank and shape
+    checks): a strided float32 CPU tensor, and no gradient wanted. `owner` (a module or a
+    name) and `name` word the message. `meta`: meta tensors pass too (shape dry runs, as
+    the loader's); the modules themselves pass meta=False.
+
+    Example:
+        >>> check_input(torch.zeros(2, 3))
+        >>> try:
+        ...     check_input(torch.zeros(2, 3, dtype=torch.float64))
+        ... except TypeError as e:  # an InputTypeError: a TypeError and a RuntimeError
+        ...     print(e)
+        ntksap.sparse computes in float32, got input of dtype torch.float64 (use .float())
+    """
+    if not isinstance(x, torch.Tensor):
+        raise InputTypeError(
+            f"{_who(owner)}: {name} must be a torch.Tensor, got {type(x).__name__}"
+        )
+    if x.dtype is not torch.float32 or x.layout is not torch.strided or not x.is_cpu:
+        if x.dtype != torch.float32:
+            raise InputTypeError(
+                f"{_who(owner)} computes in float32, got {name} of dtype {x.dtype} (use .float())"
+            )
+        if not x.is_cpu and not (meta and x.is_meta):
+            raise InputTypeError(
+                f"{_who(owner)} runs on the CPU, got {name} on {x.device} (use .cpu())"
+            )
+        if x.layout is not torch.strided:
+            raise InputTypeError(
+                f"{_who(owner)} takes dense (strided) tensors, got {name} with layout "
+                f"{x.layout} (use .to_dense())"
+            )
     if x.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
-            "ntksap.sparse modules are inference-only: the input requires grad; run "
+            f"ntksap.sparse modules are inference-only: the {name} requires grad; run "
             "under torch.no_grad() / torch.inference_mode(), or train the masked dense model"
         )
-    if x.dtype != torch.float32:
-        raise TypeError(f"ntksap.sparse computes in float32, got input of dtype {x.dtype}")
+
+
+_F32, _STRIDED = torch.float32, torch.strided
+
+
+def _plain(x: Any) -> bool:
+    """The common case of check_input: a float32 CPU strided tensor wanting no gradient."""
+    return (
+        type(x) is torch.Tensor
+        and x.dtype is _F32
+        and x.is_cpu
+        and x.layout is _STRIDED
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
 
 
 class BufferPool:
@@ -148,6 +343,8 @@ class _SparseBase(InferenceOnly):
     values: torch.Tensor
     bias: torch.Tensor
     weight: torch.Tensor
+    _NDIM = 2  # entries of weight_shape
+    _SHAPE_WORDS = "(out, in)"
 
     def __init__(
         self,
@@ -162,11 +359,42 @@ class _SparseBase(InferenceOnly):
         dense_weight: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
-        self.weight_shape = tuple(int(s) for s in weight_shape)
-        self.register_buffer("rowptr", rowptr.to(torch.int32).contiguous())
-        self.register_buffer("col_idx", col_idx.to(torch.int32).contiguous())
-        self.register_buffer("values", values.to(torch.float32).contiguous())
-        b = torch.zeros(0) if bias is None else bias.detach().to(torch.float32).contiguous()
+        shape = _check_weight_shape(weight_shape)
+        if len(shape) != self._NDIM:
+            raise ValueError(
+                f"{type(self).__name__} needs weight_shape {self._SHAPE_WORDS}, got {list(shape)}"
+            )
+        check_csr(rowptr, col_idx, values, shape)
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor):
+                raise ValueError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+            if bias.numel() and (
+                bias.dtype != torch.float32
+                or bias.dim() != 1
+                or bias.numel() != shape[0]
+                or bias.device.type != "cpu"
+                or bias.layout != torch.strided
+            ):
+                raise ValueError(
+                    f"bias must be a 1-D float32 CPU tensor of the {shape[0]} outputs "
+                    f"(weight_shape[0]), got {bias.dtype} of shape {list(bias.shape)} on "
+                    f"{bias.device}"
+                )
+        if dense_weight is not None and (
+            not isinstance(dense_weight, torch.Tensor) or tuple(dense_weight.shape) != shape
+        ):
+            got = (
+                list(dense_weight.shape) if isinstance(dense_weight, torch.Tensor) else dense_weight
+            )
+            raise ValueError(f"dense_weight must have weight_shape {list(shape)}, got {got!r}")
+        for flag, v in (("relu", relu), ("residual", residual)):
+            if not isinstance(v, bool | int) or v not in (0, 1):
+                raise ValueError(f"{flag} must be True or False, got {v!r}")
+        self.weight_shape = shape
+        self.register_buffer("rowptr", rowptr.contiguous())
+        self.register_buffer("col_idx", col_idx.contiguous())
+        self.register_buffer("values", values.contiguous())
+        b = torch.zeros(0) if bias is None else bias.detach().contiguous()
         self.register_buffer("bias", b)
         # The dense weight exists only in dense mode (a sparse model is stored once, as CSR).
         self.register_buffer("weight", torch.zeros(0))
@@ -182,12 +410,15 @@ class _SparseBase(InferenceOnly):
         self.in_padded = False
         self.kernel_reason = ""  # why the C++ kernel cannot run this layer ("" if it can)
         self.source_name = ""  # the layer's name in the original model
+        # input shape -> output shape, for the shapes the input checks accepted
         self._out_shapes: dict[torch.Size, torch.Size] = {}
         self._dense_cache: torch.Tensor | None = None
+        # (data_ptr, version, numel) of the CSR tensors when check_csr last passed them
+        # (the pure-torch fallback, which indexes with them unchecked)
+        self._csr_seen: tuple | None = None
         self.mode = "sparse"
         if dense_weight is not None:
             self._dense_cache = dense_weight.detach().to(torch.float32).contiguous()
-        self.set_mode(mode)
 
     @classmethod
     def from_dense(
@@ -196,6 +427,8 @@ class _SparseBase(InferenceOnly):
         """Build from a dense weight, (out, in/groups, kh, kw) for a conv, (out, in) for a
         Linear; zeros are dropped from CSR. `kwargs`: the other constructor arguments."""
         rowptr, col, val = to_csr(weight)
+        if bias is not None:
+            bias = bias.detach().to(torch.float32)
         return cls(tuple(weight.shape), rowptr, col, val, bias, dense_weight=weight, **kwargs)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -228,6 +461,30 @@ class _SparseBase(InferenceOnly):
             self._dense_cache = _from_csr(self.rowptr, self.col_idx, self.values, self.weight_shape)
         return self._dense_cache
 
+    def _exact_weight(self) -> torch.Tensor:
+        """The dense weight for an input holding NaN / inf (computed densely): the cached
+        one if any, else rebuilt from CSR and NOT kept (a sparse model is stored once)."""
+        if self.weight.numel():
+            return self.weight
+        if self._dense_cache is not None:
+            return self._dense_cache
+        return _from_csr(self.rowptr, self.col_idx, self.values, self.weight_shape)
+
+    def _checked_csr(self) -> None:
+        """check_csr again when a CSR tensor changed (in place or replaced) since the last
+        pass: for code that indexes with them unchecked (torch's CSR kernels). Inference
+        tensors have no version counter: those are checked every time."""
+        try:
+            key = tuple(
+                (t.data_ptr(), t._version, t.numel())
+                for t in (self.rowptr, self.col_idx, self.values)
+            )
+        except RuntimeError:  # "Inference tensors do not track version counter"
+            key = None
+        if key is None or key != self._csr_seen:
+            check_csr(self.rowptr, self.col_idx, self.values, self.weight_shape)
+            self._csr_seen = key
+
     def drop_dense_copy(self) -> None:
         """Free the cached dense weight of a sparse-mode layer (rebuilt if ever needed)."""
         if self.mode == "sparse":
@@ -255,15 +512,48 @@ class _SparseBase(InferenceOnly):
     def _epilogue(self, y: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         if residual is not None:
             y = y.add_(residual) if y.dtype == residual.dtype else y + residual
-        return y.relu_() if self.relu else y
+        return y.relu_() if self.relu else y  # relu_ keeps NaN
 
-    def _check(self, x: torch.Tensor, residual: torch.Tensor | None) -> None:
-        check_input(x)
-        if self.residual != (residual is not None):
-            raise TypeError(
-                f"{type(self).__name__} built with residual={self.residual} was called "
-                f"{'without' if residual is None else 'with'} a residual input"
+    def _check(self, x: Any, residual: Any) -> None:
+        """Torch-like input checks, the same in every mode (a layer's mode is the
+        autotune's choice: what it accepts must not depend on it). Written for the common
+        case: about 0.4 us per call (0.8 us with a residual) at batch 1."""
+        # check_input's common case, inlined (a call costs ~0.1 us)
+        if not (
+            type(x) is torch.Tensor
+            and x.dtype is _F32
+            and x.is_cpu
+            and x.layout is _STRIDED
+            and not (x.requires_grad and torch.is_grad_enabled())
+        ):
+            check_input(x, self, meta=False)  # raises with the reason (or passes a subclass)
+        shape = x.shape
+        out_shape = self._out_shapes.get(shape)
+        if out_shape is None:
+            out_shape = self._checked_shape(shape)
+            if len(self._out_shapes) < 64:  # input sizes seen; bounded for odd callers
+                self._out_shapes[shape] = out_shape
+        if residual is None:
+            if self.residual:
+                raise InputTypeError(
+                    f"{_who(self)} built with residual=True was called without a residual input"
+                )
+            return
+        if not self.residual:
+            raise InputTypeError(
+                f"{_who(self)} built with residual=False was called with a residual input"
             )
+        if not _plain(residual):
+            check_input(residual, self, "residual", meta=False)
+        if residual.shape != out_shape:
+            raise InputShapeError(
+                f"{_who(self)}: the residual has shape {list(residual.shape)}, the "
+                f"output {list(out_shape)} (they are added elementwise)"
+            )
+
+    def _checked_shape(self, shape: torch.Size) -> torch.Size:
+        """The output shape for an input of `shape`; raises as torch's module would."""
+        raise NotImplementedError
 
     def config(self) -> dict[str, Any]:
         """The JSON-able constructor settings (for save / load)."""
@@ -281,13 +571,28 @@ class _SparseBase(InferenceOnly):
         return f"mode={self.mode}, density={self.density:.4f}{', fused=' + flags if flags else ''}"
 
 
+def _positive_pair(v: Any, name: str, low: int) -> tuple[int, int]:
+    """An int or a pair of ints, each >= low, as a pair (ValueError naming `name`)."""
+    pair = (v, v) if isinstance(v, int) else v
+    if (
+        not isinstance(pair, tuple | list)
+        or len(pair) != 2
+        or any(isinstance(p, bool) or not isinstance(p, int) or p < low for p in pair)
+    ):
+        raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {v!r}")
+    return int(pair[0]), int(pair[1])
+
+
 class SparseConv2d(_SparseBase):
     """`act(conv2d(x, W, bias, stride, padding) [+ residual])` with W stored as CSR.
 
     The C++ kernel handles groups=1, dilation 1, one stride and one zero padding for both
-    axes (stride 1 fastest, any stride correct). Anything else runs in dense mode only
-    (`kernel_reason` says why).
+    axes (stride 1 fastest, any stride correct), each at most 65536. Anything else runs in
+    dense mode only (`kernel_reason` says why). Inputs are (N, C, H, W).
     """
+
+    _NDIM = 4
+    _SHAPE_WORDS = "(out, in/groups, kh, kw)"
 
     def __init__(
         self,
@@ -305,9 +610,27 @@ class SparseConv2d(_SparseBase):
         mode: str = "sparse",
         dense_weight: torch.Tensor | None = None,
     ) -> None:
-        stride_ = tuple(int(s) for s in _pair(stride))
-        padding_ = padding if isinstance(padding, str) else tuple(int(p) for p in _pair(padding))
-        dilation_ = tuple(int(d) for d in _pair(dilation))
+        super().__init__(
+            weight_shape, rowptr, col_idx, values, bias, relu, residual, mode, dense_weight
+        )
+        stride_ = _positive_pair(stride, "stride", 1)
+        dilation_ = _positive_pair(dilation, "dilation", 1)
+        padding_: tuple[int, int] | str
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid' or ints >= 0, got {padding!r}")
+            if padding == "same" and stride_ != (1, 1):
+                raise ValueError("padding='same' is not supported for strided convolutions")
+            padding_ = padding
+        else:
+            padding_ = _positive_pair(padding, "padding", 0)
+        out = self.weight_shape[0]
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+            raise ValueError(f"groups must be a positive int, got {groups!r}")
+        if out % groups:
+            raise ValueError(
+                f"groups={groups} must divide the {out} output channels (weight_shape[0])"
+            )
         reasons = []
         if groups != 1:
             reasons.append(f"groups={groups} (the kernel needs groups=1)")
@@ -317,26 +640,64 @@ class SparseConv2d(_SparseBase):
             reasons.append(f"stride={stride_} differs between axes")
         if isinstance(padding_, str) or padding_[0] != padding_[1]:
             reasons.append(f"padding={padding_!r} (the kernel needs one int for both axes)")
-        reason = "; ".join(reasons)
-        super().__init__(
-            weight_shape,
-            rowptr,
-            col_idx,
-            values,
-            bias,
-            relu,
-            residual,
-            "dense" if reason else mode,
-            dense_weight,
+        geometry = (
+            *stride_,
+            *self.weight_shape[2:],
+            *(() if isinstance(padding_, str) else padding_),
         )
+        if max(geometry) > _MAX_GEOMETRY:
+            reasons.append(f"stride / padding / kernel size above {_MAX_GEOMETRY}")
         self.stride, self.padding, self.dilation, self.groups = stride_, padding_, dilation_, groups
-        self.kernel_reason = reason
+        self.kernel_reason = "; ".join(reasons)
+        self.set_mode("dense" if self.kernel_reason else mode)
+
+    def _checked_shape(self, shape: torch.Size) -> torch.Size:
+        if len(shape) != 4:
+            raise InputTypeError(
+                f"{_who(self)}: expected a 4-D (N, C, H, W) input, got input of size {list(shape)}"
+            )
+        n, c, h, w = shape
+        channels = self.weight_shape[1] * self.groups
+        if c != channels:
+            raise InputShapeError(
+                f"{_who(self)}: given groups={self.groups}, weight of size "
+                f"{list(self.weight_shape)}, expected input{list(shape)} to have {channels} "
+                f"channels, but got {c} channels instead"
+            )
+        kh, kw = self.weight_shape[2:]
+        if self.padding == "same":
+            return (
+                torch.Size((n, self.weight_shape[0], h, w)) if h and w else self._too_small(shape)
+            )
+        ph, pw = (0, 0) if self.padding == "valid" else self.padding  # type: ignore[misc]
+        dh, dw = self.dilation
+        span_h, span_w = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+        if h < 1 or w < 1 or h + 2 * ph < span_h or w + 2 * pw < span_w:
+            return self._too_small(shape)
+        sh, sw = self.stride
+        return torch.Size(
+            (
+                n,
+                self.weight_shape[0],
+                (h + 2 * ph - span_h) // sh + 1,
+                (w + 2 * pw - span_w) // sw + 1,
+            )
+        )
+
+    def _too_small(self, shape: torch.Size) -> torch.Size:
+        ph, pw = (0, 0) if isinstance(self.padding, str) else self.padding
+        kh, kw = self.weight_shape[2:]
+        raise InputShapeError(
+            f"{_who(self)}: calculated padded input size per channel: "
+            f"({shape[2] + 2 * ph} x {shape[3] + 2 * pw}). Kernel size: ({kh} x {kw}). "
+            f"Kernel size can't be greater than actual input size (input {list(shape)})"
+        )
 
     def compute(
         self, mode: str, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The output in `mode` ("sparse" or "dense"), whatever the layer's own mode (the
-        autotune times both this way); no input checks."""
+        autotune times both this way); no input checks (forward makes them)."""
         if mode == "sparse" and not self.kernel_reason:
             ext = _ext.extension()
             if ext is not None:
@@ -346,12 +707,13 @@ class SparseConv2d(_SparseBase):
                     if shape is None:
                         shape = self._out_shapes[x.shape] = self.output_shape(x.shape)
                     out = self.pool.get(self.slot, shape, self.out_pad)
-                return ext.sparse_conv2d(
+                y, finite = ext.sparse_conv2d(
                     x,
                     self.rowptr,
                     self.col_idx,
                     self.values,
                     self.bias,
+                    self.weight_shape[1],
                     self.weight_shape[2],
                     self.weight_shape[3],
                     self.stride[0],
@@ -361,16 +723,18 @@ class SparseConv2d(_SparseBase):
                     out,
                     self.in_padded,
                 )
-        # dense mode, or the pure-torch fallback of sparse mode
-        y = F.conv2d(
-            x,
-            self.dense_weight(),
-            self._bias(),
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-        )
+                if finite:
+                    return y
+                # a NaN / inf in the input: the dense conv also multiplies it by the zero
+                # weights (NaN); compute exactly that
+                return self._dense(x, self._exact_weight(), residual)
+        # dense mode, or the pure-torch fallback of sparse mode (dense too: exact for NaN)
+        return self._dense(x, self.dense_weight(), residual)
+
+    def _dense(
+        self, x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None
+    ) -> torch.Tensor:
+        y = F.conv2d(x, weight, self._bias(), self.stride, self.padding, self.dilation, self.groups)
         return self._epilogue(y, residual)
 
     def output_shape(self, shape: torch.Size) -> torch.Size:
@@ -400,6 +764,38 @@ class SparseConv2d(_SparseBase):
 class SparseLinear(_SparseBase):
     """`act(x @ W.T + bias)` with W (out, in) stored as CSR; x may have extra leading dims."""
 
+    def __init__(
+        self,
+        weight_shape: tuple[int, ...],
+        rowptr: torch.Tensor,
+        col_idx: torch.Tensor,
+        values: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        relu: bool = False,
+        residual: bool = False,
+        mode: str = "sparse",
+        dense_weight: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(
+            weight_shape, rowptr, col_idx, values, bias, relu, residual, mode, dense_weight
+        )
+        self.set_mode(mode)
+
+    def _checked_shape(self, shape: torch.Size) -> torch.Size:
+        out, fan_in = self.weight_shape
+        if len(shape) < 1:
+            raise InputTypeError(
+                f"{_who(self)}: the input must be at least 1-D (..., {fan_in}), got a 0-D tensor"
+            )
+        if shape[-1] != fan_in:
+            rows = math.prod(shape[:-1])
+            raise InputShapeError(
+                f"{_who(self)}: mat1 and mat2 shapes cannot be multiplied ({rows}x{shape[-1]} "
+                f"and {fan_in}x{out}): the input's last dimension is {shape[-1]}, the layer "
+                f"has in_features={fan_in}"
+            )
+        return torch.Size((*shape[:-1], out))
+
     def compute(
         self, mode: str, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -410,16 +806,29 @@ class SparseLinear(_SparseBase):
             ext = _ext.extension()
             if ext is not None:
                 fuse = self.relu and residual is None
-                y = ext.sparse_linear(
-                    flat.contiguous(), self.rowptr, self.col_idx, self.values, self.bias, fuse
-                ).reshape(*lead, self.weight_shape[0])
-                return y if fuse else self._epilogue(y, residual)
-            y = self._torch_sparse_mm(flat).reshape(*lead, self.weight_shape[0])
-            return self._epilogue(y, residual)
+                y, finite = ext.sparse_linear(
+                    flat.contiguous(),
+                    self.rowptr,
+                    self.col_idx,
+                    self.values,
+                    self.bias,
+                    self.weight_shape[1],
+                    fuse,
+                )
+                if finite:
+                    y = y.reshape(*lead, self.weight_shape[0])
+                    return y if fuse else self._epilogue(y, residual)
+            elif bool(torch.isfinite(flat).all()):
+                y = self._torch_sparse_mm(flat).reshape(*lead, self.weight_shape[0])
+                return self._epilogue(y, residual)
+            # a NaN / inf in the input: the dense product also multiplies it by the zero
+            # weights (NaN); compute exactly that
+            return self._epilogue(F.linear(x, self._exact_weight(), self._bias()), residual)
         return self._epilogue(F.linear(x, self.dense_weight(), self._bias()), residual)
 
     def _torch_sparse_mm(self, flat: torch.Tensor) -> torch.Tensor:
         """Fallback without the C++ kernels: torch's CSR x dense."""
+        self._checked_csr()  # torch's CSR product indexes with them unchecked
         with warnings.catch_warnings():  # "Sparse CSR tensor support is in beta state"
             warnings.simplefilter("ignore", UserWarning)
             w = torch.sparse_csr_tensor(
@@ -427,7 +836,7 @@ class SparseLinear(_SparseBase):
                 self.col_idx.to(torch.int64),
                 self.values,
                 size=self.weight_shape,
-                check_invariants=False,  # built by to_csr: valid by construction
+                check_invariants=False,  # checked just above
             )
         y = torch.sparse.mm(w, flat.t()).t()
         return y + self.bias if self.bias.numel() else y.contiguous()
@@ -437,16 +846,10 @@ class SparseLinear(_SparseBase):
         return f"in_features={i}, out_features={o}, {self._extra()}"
 
 
-def _pair(v: Any) -> tuple:
-    if isinstance(v, str):
-        return (v, v)
-    if isinstance(v, int):
-        return (v, v)
-    return tuple(v)
-
-
 POLICIES = ("auto", "blocked", "spatial")
 CHAIN_MODES = ("fused", "layers")
+# SparseChainExec.forward's status (ChainStatus in the C++)
+_EXACT, _NONFINITE, _STALE = 0, 1, 2
 
 
 class SparseChain(InferenceOnly):
@@ -493,13 +896,40 @@ class SparseChain(InferenceOnly):
         super().__init__()
         if len(layers) != len(steps) or not layers:
             raise ValueError("a chain needs one (in, res) step per layer, and at least one layer")
-        for k, (layer, (src, res)) in enumerate(zip(layers, steps, strict=True)):
+        # channels of each value (value 0, the input: what its readers expect)
+        channels: list[int] = [0]
+        for k, (layer, step) in enumerate(zip(layers, steps, strict=True)):
             if not isinstance(layer, SparseConv2d) or layer.kernel_reason:
                 raise ValueError(f"chain layer {k} is not a kernel-eligible SparseConv2d")
+            if (
+                not isinstance(step, tuple | list)
+                or len(step) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) for v in step)
+            ):
+                raise ValueError(f"chain step {k} must be a pair of ints (in, res), got {step!r}")
+            src, res = step
             if not (0 <= src <= k and -1 <= res <= k):
                 raise ValueError(f"chain layer {k} reads a value computed after it: {(src, res)}")
             if layer.residual != (res >= 0):
                 raise ValueError(f"chain layer {k}: residual flag and step disagree")
+            o, c = layer.weight_shape[:2]
+            if src == 0 and not channels[0]:
+                channels[0] = c
+            if channels[src] != c:
+                raise ValueError(
+                    f"chain layer {k} reads value {src} ({channels[src]} channels) but its "
+                    f"weight {list(layer.weight_shape)} expects {c} input channels"
+                )
+            if res == 0 and not channels[0]:
+                channels[0] = o
+            if res >= 0 and channels[res] != o:
+                raise ValueError(
+                    f"chain layer {k} adds value {res} ({channels[res]} channels) to its {o} "
+                    "output channels"
+                )
+            channels.append(o)
+        if isinstance(output, bool) or not isinstance(output, int):
+            raise ValueError(f"output must be an int, got {output!r}")
         if not 1 <= output <= len(layers):
             raise ValueError(f"output must name a layer's value (1..{len(layers)}), got {output}")
         self.layers = nn.ModuleList(layers)
@@ -524,13 +954,27 @@ class SparseChain(InferenceOnly):
         self.slot: int | None = None
 
     def output_shape(self, shape: torch.Size) -> torch.Size:
-        """The (N, C, H, W) output shape for an input of `shape`."""
+        """The (N, C, H, W) output shape for an input of `shape`; raises as torch's modules
+        would (InputTypeError / InputShapeError) for an input the chain cannot take."""
         out = self._out_shapes.get(shape)
         if out is None:
+            if len(shape) != 4:
+                raise InputTypeError(
+                    f"{_who(self)}: a SparseChain takes one (N, C, H, W) tensor, got input of "
+                    f"size {list(shape)}"
+                )
             shapes = [shape]
-            for layer, (src, _res) in zip(self.layers, self.steps, strict=True):
-                shapes.append(layer.output_shape(shapes[src]))
-            out = self._out_shapes[shape] = shapes[self.output]
+            for layer, (src, res) in zip(self.layers, self.steps, strict=True):
+                y = layer._checked_shape(shapes[src])
+                if res >= 0 and shapes[res] != y:  # a residual read from the input
+                    raise InputShapeError(
+                        f"{_who(layer)} in {_who(self)} adds value {res} of shape "
+                        f"{list(shapes[res])} to its output of shape {list(y)}"
+                    )
+                shapes.append(y)
+            out = shapes[self.output]
+            if len(self._out_shapes) < 64:  # input sizes seen; bounded for odd callers
+                self._out_shapes[shape] = out
         return out
 
     def set_mode(self, mode: str) -> None:
@@ -553,13 +997,13 @@ class SparseChain(InferenceOnly):
                 cols.append(layer.col_idx)
                 vals.append(layer.values)
                 biases.append(layer.bias)
+            # checks every array (and copies the index arrays): raises on bad ones
             self._exec = ext.SparseChainExec(rps, cols, vals, biases, specs, self.output)
         return self._exec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(x) or x.dim() != 4:
-            raise TypeError("a SparseChain takes one (N, C, H, W) tensor")
-        check_input(x)
+        check_input(x, self, meta=False)
+        self.output_shape(x.shape)  # rank, channels, sizes (cached per input shape)
         return self.compute(self.mode, x)
 
     def compute(self, mode: str, x: torch.Tensor) -> torch.Tensor:
@@ -572,9 +1016,18 @@ class SparseChain(InferenceOnly):
                 out = None
                 if self.pool is not None and self.slot is not None:
                     out = self.pool.get(self.slot, self.output_shape(x.shape))
-                return ex.forward(
-                    x, POLICIES.index(self.policy), self.split_work, out, self.wavefront
-                )
+                policy = POLICIES.index(self.policy)
+                y, status = ex.forward(x, policy, self.split_work, out, self.wavefront)
+                if status == _STALE:
+                    # a layer's rowptr / col_idx was written in place (or values / bias
+                    # moved) since the executor was built: build (and check) it again
+                    self._exec = None
+                    ex = self._executor()
+                    y, status = ex.forward(x, policy, self.split_work, out, self.wavefront)
+                if status == _EXACT:
+                    return y
+                # a NaN / inf reached a conv's input (status _NONFINITE): layer by layer,
+                # each computing such an input densely, as the dense masked model does
         values = [x]
         for layer, (src, res) in zip(self.layers, self.steps, strict=True):
             # a module call (not .compute): the autotune's hooks see each layer's input

@@ -68,17 +68,103 @@ inline void strip_chunk(const float* __restrict base, const int64_t* __restrict 
 #endif
 }
 
+// A tensor the kernels read through a raw pointer: on the CPU, strided (not sparse / mkldnn).
+void check_cpu(const torch::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), what, " must be a CPU tensor, got one on ", t.device());
+  TORCH_CHECK(t.layout() == torch::kStrided, what, " must be a dense (strided) tensor, got layout ",
+              t.layout());
+}
+
+// The CSR invariants every index the kernels form relies on, in O(rows): dtypes, shapes,
+// contiguity, rowptr[0] == 0, rowptr never decreasing, rowptr[rows] == nnz == len(values).
+// Columns are checked against the fan-in separately (check_cols, or strip_offsets).
 void check_csr(const torch::Tensor& rowptr, const torch::Tensor& col, const torch::Tensor& val,
                int64_t rows) {
+  check_cpu(rowptr, "rowptr");
+  check_cpu(col, "col_idx");
+  check_cpu(val, "values");
   TORCH_CHECK(rowptr.dtype() == torch::kInt32 && col.dtype() == torch::kInt32,
-              "rowptr and col_idx must be int32");
-  TORCH_CHECK(val.dtype() == torch::kFloat32, "values must be float32");
-  TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) == rows + 1,
-              "rowptr must have out_channels + 1 entries");
+              "rowptr and col_idx must be int32, got ", rowptr.dtype(), " and ", col.dtype());
+  TORCH_CHECK(val.dtype() == torch::kFloat32, "values must be float32, got ", val.dtype());
+  TORCH_CHECK(rowptr.dim() == 1 && col.dim() == 1 && val.dim() == 1,
+              "rowptr, col_idx and values must be 1-D");
+  TORCH_CHECK(rows >= 0 && rowptr.size(0) == rows + 1, "rowptr must have out_channels + 1 = ",
+              rows + 1, " entries, got ", rowptr.size(0));
   TORCH_CHECK(rowptr.is_contiguous() && col.is_contiguous() && val.is_contiguous(),
               "CSR arrays must be contiguous");
-  TORCH_CHECK(col.numel() == val.numel(), "col_idx and values must have the same length");
+  TORCH_CHECK(col.numel() == val.numel(), "col_idx and values must have the same length, got ",
+              col.numel(), " and ", val.numel());
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0, "rowptr[0] = ", rp[0], ", must be 0");
+  int decreasing = 0;  // branch-free: the loop vectorises
+  for (int64_t i = 0; i < rows; ++i) decreasing |= rp[i + 1] < rp[i];
+  if (decreasing)
+    for (int64_t i = 0; i < rows; ++i)
+      TORCH_CHECK(rp[i + 1] >= rp[i], "rowptr decreases at index ", i, ": rowptr[", i,
+                  "] = ", rp[i], " > rowptr[", i + 1, "] = ", rp[i + 1]);
+  TORCH_CHECK(rp[rows] == col.numel(), "rowptr[-1] = ", rp[rows],
+              " must equal nnz = len(col_idx) = ", col.numel());
 }
+
+// Every column in [0, K) (`what` names K in the message). One unsigned max over the array
+// (negative columns are huge as unsigned): vectorised, ~nnz / 16 cycles.
+void check_cols(const int32_t* cp, int64_t nnz, int64_t K, const char* what) {
+  uint32_t top = 0;
+  for (int64_t j = 0; j < nnz; ++j) top = std::max(top, static_cast<uint32_t>(cp[j]));
+  if (nnz == 0 || static_cast<int64_t>(top) < K) return;
+  for (int64_t j = 0; j < nnz; ++j)
+    TORCH_CHECK(cp[j] >= 0 && cp[j] < K, "col_idx[", j, "] = ", cp[j], " is outside [0, ", K,
+                ") (", what, ")");
+}
+
+// Whether p[0 : n) holds no NaN or inf. A sparse product skips the zero weights that the
+// dense product multiplies: 0 * NaN and 0 * inf are NaN there, so an input holding them
+// must be recomputed densely (the callers do). Integer tests of the exponent bits (all
+// ones for NaN / inf) only: -ffast-math folds floating tests such as v * 0 or v != v away.
+// AVX-512: the largest exponent field seen, two accumulators.
+inline bool all_finite(const float* p, int64_t n) {
+#ifdef __AVX512F__
+  const __m512i e = _mm512_set1_epi32(0x7f800000);
+  __m512i a0 = _mm512_setzero_si512(), a1 = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 2 * kVec <= n; k += 2 * kVec) {
+    a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_loadu_si512(p + k), e));
+    a1 = _mm512_max_epu32(a1, _mm512_and_si512(_mm512_loadu_si512(p + k + kVec), e));
+  }
+  for (; k < n; k += kVec) {
+    const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kVec, n - k)) - 1);
+    a0 = _mm512_max_epu32(a0, _mm512_and_si512(_mm512_maskz_loadu_epi32(m, p + k), e));
+  }
+  return _mm512_cmpeq_epi32_mask(_mm512_max_epu32(a0, a1), e) == 0;
+#else
+  uint32_t bad = 0;
+  for (int64_t k = 0; k < n; ++k) {
+    uint32_t u;
+    std::memcpy(&u, p + k, sizeof u);
+    bad |= (u & 0x7f800000u) == 0x7f800000u;
+  }
+  return bad == 0;
+#endif
+}
+
+#ifdef __AVX512F__
+// Lanes of v that are NaN or inf (an integer test of the exponent bits).
+inline __mmask16 nonfinite_mask(__m512 v) {
+  const __m512i e = _mm512_set1_epi32(0x7f800000);
+  return _mm512_cmpeq_epi32_mask(_mm512_and_si512(_mm512_castps_si512(v), e), e);
+}
+#endif
+
+// relu that keeps NaN, as torch's: max(0, v) returns its SECOND operand when either is NaN
+// (MAXPS semantics), so the order matters: v NaN -> v.
+#ifdef __AVX512F__
+inline __m512 relu_keep_nan(__m512 v) { return _mm512_max_ps(_mm512_setzero_ps(), v); }
+#endif
+inline float relu_keep_nan(float v) { return v < 0.f ? 0.f : v; }  // NaN < 0 is false
+
+// Largest stride / padding / kernel size the kernels take: keeps every size product far
+// from int64 overflow (s * s polyphase components, padded planes).
+constexpr int64_t kMaxGeom = int64_t{1} << 16;
 
 }  // namespace
 
@@ -94,9 +180,29 @@ struct ConvGeometry {
 // dst[0 : Wq) = [0] * pad + src[0 : W) + [0] * (Wq - pad - W): one padded input row.
 // Rows are 8-34 floats here, so per-row loop and call overhead matters: AVX-512 masked
 // loads/stores do a row in 1-3 instructions pairs (masked-off lanes are never touched, so
-// reading "before" src or writing past dst[Wq) is safe).
+// reading "before" src or writing past dst[Wq) is safe). With kTest, the loaded registers
+// are also tested for NaN / inf (no second pass over the input): acc = max(acc, exponent
+// bits of v), all ones iff some v was NaN / inf. Integer operations only: -ffast-math
+// folds a floating test such as v * 0 away (it did, silently). Two vector operations per
+// 16 floats, no mask-register chain (and + compare + kor cost 5-7 % of a ResNet-20
+// 16-channel conv).
+#ifdef __AVX512F__
+using TestAcc = __m512i;
+inline TestAcc test_acc() { return _mm512_setzero_si512(); }
+inline TestAcc test_acc_add(TestAcc acc, __m512 v) {
+  return _mm512_max_epu32(acc, _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7f800000)));
+}
+inline bool test_acc_bad(TestAcc acc) {
+  return _mm512_cmpeq_epi32_mask(acc, _mm512_set1_epi32(0x7f800000)) != 0;
+}
+#else
+using TestAcc = bool;  // whether a NaN / inf was seen
+inline TestAcc test_acc() { return false; }
+inline bool test_acc_bad(TestAcc acc) { return acc; }
+#endif
+template <bool kTest>
 inline void pad_row(float* __restrict dst, const float* __restrict src, int64_t W, int64_t pad,
-                    int64_t Wq) {
+                    int64_t Wq, TestAcc& acc) {
 #ifdef __AVX512F__
   for (int64_t k = 0; k < Wq; k += kVec) {
     const int64_t lo = std::max<int64_t>(0, pad - k);                    // first valid lane
@@ -104,12 +210,15 @@ inline void pad_row(float* __restrict dst, const float* __restrict src, int64_t 
     const __mmask16 ld = hi > lo ? static_cast<__mmask16>(((1u << hi) - 1) & ~((1u << lo) - 1))
                                  : static_cast<__mmask16>(0);
     const __mmask16 st = static_cast<__mmask16>((1u << std::min<int64_t>(kVec, Wq - k)) - 1);
-    _mm512_mask_storeu_ps(dst + k, st, _mm512_maskz_loadu_ps(ld, src + (k - pad)));
+    const __m512 v = _mm512_maskz_loadu_ps(ld, src + (k - pad));
+    if (kTest) acc = test_acc_add(acc, v);
+    _mm512_mask_storeu_ps(dst + k, st, v);
   }
 #else
   for (int64_t k = 0; k < pad; ++k) dst[k] = 0.f;
   for (int64_t k = 0; k < W; ++k) dst[pad + k] = src[k];
   for (int64_t k = pad + W; k < Wq; ++k) dst[k] = 0.f;
+  if (kTest) acc = acc || !all_finite(src, W);
 #endif
 }
 
@@ -133,23 +242,24 @@ inline void deinterleave_row(float* __restrict dst, const float* __restrict src,
 #endif
 }
 
-// d[0 : len) = act(a[0 : len) + bias [+ r[0 : len)]): one output row segment of the epilogue.
+// d[0 : len) = act(a[0 : len) + bias [+ r[0 : len)]): one output row segment of the epilogue
+// (relu keeps NaN, as torch's).
 template <bool kRes, bool kRelu>
 inline void epilogue_row(const float* __restrict a, float* __restrict d, const float* __restrict r,
                          int64_t len, float bias) {
 #ifdef __AVX512F__
-  const __m512 b = _mm512_set1_ps(bias), z = _mm512_setzero_ps();
+  const __m512 b = _mm512_set1_ps(bias);
   for (int64_t k = 0; k < len; k += kVec) {
     const __mmask16 m = static_cast<__mmask16>((1u << std::min<int64_t>(kVec, len - k)) - 1);
     __m512 v = _mm512_add_ps(_mm512_maskz_loadu_ps(m, a + k), b);
     if (kRes) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, r + k));
-    if (kRelu) v = _mm512_max_ps(v, z);
+    if (kRelu) v = relu_keep_nan(v);
     _mm512_mask_storeu_ps(d + k, m, v);
   }
 #else
   for (int64_t k = 0; k < len; ++k) {
-    float v = a[k] + bias + (kRes ? r[k] : 0.f);
-    d[k] = kRelu ? std::max(v, 0.f) : v;
+    const float v = a[k] + bias + (kRes ? r[k] : 0.f);
+    d[k] = kRelu ? relu_keep_nan(v) : v;
   }
 #endif
 }
@@ -159,11 +269,22 @@ inline void epilogue_row(const float* __restrict a, float* __restrict d, const f
 // dst[((c*s*s + py*s + px) * G + g) * plane + qy*Wq + qx] =
 //   x[n0 + g, c, s*qy + py - pad, s*qx + px - pad], zero outside the input.
 // Only the phases some nonzero weight reads (`used`) are written (a 1x1 stride-2
-// shortcut reads one of four). kSlack zeros follow the last plane.
-void prepare_group(const float* __restrict src0, int64_t G, float* __restrict dst_grp,
+// shortcut reads one of four). kSlack zeros follow the last plane. With `test`, returns
+// whether channels [c_begin, c_end) of the G images hold a NaN or inf anywhere (all of
+// them, not only the phases read: a dense conv multiplies the unread ones by its zero
+// weights); the chain executor tests its values where they are made instead.
+bool prepare_group(const float* __restrict src0, int64_t G, float* __restrict dst_grp,
                    const ConvGeometry& g, const std::vector<char>& used, int64_t c_begin,
-                   int64_t c_end) {
+                   int64_t c_end, bool test) {
   const int64_t s = g.s, pad = g.pad, H = g.H, W = g.W, Wq = g.Wq, Hq = g.Hq, plane = g.plane;
+  bool bad = false;
+  // The s == 1 copy below tests every row it copies; strided copies skip rows and columns,
+  // and a layer without nonzeros copies nothing: those scan the input first.
+  if (test && (s != 1 || !used[0]))
+    for (int64_t c = c_begin; c < c_end && !bad; ++c)
+      for (int64_t gi = 0; gi < G; ++gi)
+        for (int64_t yy = 0; yy < H; ++yy)
+          bad |= !all_finite(src0 + gi * g.xsN + c * g.xsC + yy * g.xsH, W);
   for (int64_t c = c_begin; c < c_end; ++c)
     for (int64_t ph = 0; ph < s * s; ++ph) {
       if (!used[ph]) continue;
@@ -176,7 +297,15 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
           // the extra row); each input row becomes one padded row [0]*pad + src + [0]*...
           for (int64_t k = 0; k < pad * Wq; ++k) dst[k] = 0.f;
           for (int64_t k = (pad + H) * Wq; k < plane; ++k) dst[k] = 0.f;
-          for (int64_t yy = 0; yy < H; ++yy) pad_row(dst + (yy + pad) * Wq, src + yy * g.xsH, W, pad, Wq);
+          TestAcc acc = test_acc();
+          if (test) {
+            for (int64_t yy = 0; yy < H; ++yy)
+              pad_row<true>(dst + (yy + pad) * Wq, src + yy * g.xsH, W, pad, Wq, acc);
+            bad |= test_acc_bad(acc);
+          } else {
+            for (int64_t yy = 0; yy < H; ++yy)
+              pad_row<false>(dst + (yy + pad) * Wq, src + yy * g.xsH, W, pad, Wq, acc);
+          }
           continue;
         }
         std::memset(dst, 0, sizeof(float) * plane);
@@ -196,6 +325,7 @@ void prepare_group(const float* __restrict src0, int64_t G, float* __restrict ds
       }
     }
   if (c_end == g.C) std::memset(dst_grp + g.C * s * s * G * plane, 0, sizeof(float) * kSlack);
+  return bad;
 }
 
 // Strip offset of every nonzero (CSR column c * kh * kw + dy * kw + dx) inside a group's
@@ -207,7 +337,8 @@ void strip_offsets(const int32_t* cp, int64_t nnz, const ConvGeometry& g, int64_
   offs.resize(nnz);
   for (int64_t j = 0; j < nnz; ++j) {
     const int64_t cc = cp[j] / khw, r = cp[j] % khw, dy = r / g.kw, dx = r % g.kw;
-    TORCH_CHECK(cp[j] >= 0 && cc < g.C, "column index beyond in_channels * kh * kw");
+    TORCH_CHECK(cp[j] >= 0 && cc < g.C, "col_idx[", j, "] = ", cp[j], " is outside [0, ",
+                g.C * khw, ") (in_channels * kh * kw = ", g.C, " * ", g.kh, " * ", g.kw, ")");
     const int64_t ph = (dy % s) * s + (dx % s);
     used[ph] = 1;
     offs[j] = ((cc * s * s + ph) * G) * g.plane + (dy / s) * g.Wq + (dx / s);
@@ -279,22 +410,16 @@ void conv_group(const float* __restrict prep, int64_t G, const ConvGeometry& g,
       }
       const float bo = bias ? bias[o] : 0.f;
       const int64_t oo = o * g.osC, ro = o * g.rsC;
-      if (res_grp) {
-        if (relu)
-          for (const Seg& q : segs)
-            epilogue_row<true, true>(acc + q.a, out_grp + q.at + oo, res_grp + q.rat + ro, q.len, bo);
-        else
-          for (const Seg& q : segs)
-            epilogue_row<true, false>(acc + q.a, out_grp + q.at + oo, res_grp + q.rat + ro, q.len,
-                                      bo);
-      } else {
-        if (relu)
-          for (const Seg& q : segs)
-            epilogue_row<false, true>(acc + q.a, out_grp + q.at + oo, nullptr, q.len, bo);
-        else
-          for (const Seg& q : segs)
-            epilogue_row<false, false>(acc + q.a, out_grp + q.at + oo, nullptr, q.len, bo);
-      }
+      float* const d = out_grp + oo;
+      const float* const r = res_grp ? res_grp + ro : nullptr;
+      if (r && relu)
+        for (const Seg& q : segs) epilogue_row<true, true>(acc + q.a, d + q.at, r + q.rat, q.len, bo);
+      else if (r)
+        for (const Seg& q : segs) epilogue_row<true, false>(acc + q.a, d + q.at, r + q.rat, q.len, bo);
+      else if (relu)
+        for (const Seg& q : segs) epilogue_row<false, true>(acc + q.a, d + q.at, nullptr, q.len, bo);
+      else
+        for (const Seg& q : segs) epilogue_row<false, false>(acc + q.a, d + q.at, nullptr, q.len, bo);
     }
   }
 }
@@ -306,20 +431,37 @@ torch::Tensor rows_contiguous(const torch::Tensor& t) {
   return t.stride(3) == 1 && t.stride(2) >= t.size(3) ? t : t.contiguous();
 }
 
-// x: (N, C, H, W) float32; CSR over (O, C*kh*kw) with column c*kh*kw + dy*kw + dx;
-// bias: (O,) or empty; residual: (N, O, Ho, Wo) or empty; out: (N, O, Ho, Wo) buffer or empty;
-// returns act(conv + bias + residual) (in `out` when it fits). x, residual and out may be
-// strided views whose rows are contiguous (e.g. the interior of a zero-padded buffer).
+// x: (N, C, H, W) float32 with C = in_channels; CSR over (O, C*kh*kw) with column
+// c*kh*kw + dy*kw + dx; bias: (O,) or empty; residual: (N, O, Ho, Wo) or empty; out:
+// (N, O, Ho, Wo) buffer or empty; returns (act(conv + bias + residual) (in `out` when it
+// fits), whether x held no NaN / inf). When it held one, the output is NOT what the dense
+// conv gives (that multiplies the NaN / inf by the zero weights too): the caller recomputes
+// it densely. x, residual and out may be strided views whose rows are contiguous (e.g. the
+// interior of a zero-padded buffer). Every array is checked before it is indexed (rowptr
+// in O(O), columns while forming the strip offsets): bad ones raise, never read out of
+// bounds.
 // x_padded: the caller promises that x is the interior [pad : pad + H, pad : pad + W] of a
 // buffer (N, C, H + 2 pad + 1, W + 2 pad) whose border is zero and which is followed by at
 // least kSlack readable floats (what ntksap.sparse's BufferPool.get(pad=...) gives). When x's
-// strides say so too, a stride-1 conv reads that buffer in place: no padded copy.
-torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor col,
-                            torch::Tensor val, torch::Tensor bias, int64_t kh, int64_t kw,
-                            int64_t stride, int64_t pad, torch::Tensor residual, bool relu,
-                            torch::Tensor out, bool x_padded) {
-  TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x must be (N, C, H, W) float32");
-  TORCH_CHECK(stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1, "bad conv geometry");
+// strides and storage say so too, a stride-1 conv reads that buffer in place: no padded copy.
+std::tuple<torch::Tensor, bool> sparse_conv2d(torch::Tensor x, torch::Tensor rowptr,
+                                              torch::Tensor col, torch::Tensor val,
+                                              torch::Tensor bias, int64_t in_channels, int64_t kh,
+                                              int64_t kw, int64_t stride, int64_t pad,
+                                              torch::Tensor residual, bool relu, torch::Tensor out,
+                                              bool x_padded) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+  TORCH_CHECK(x.dtype() == torch::kFloat32, "x must be float32, got ", x.dtype());
+  TORCH_CHECK(stride >= 1 && pad >= 0 && kh >= 1 && kw >= 1 && in_channels >= 1 &&
+                  stride <= kMaxGeom && pad <= kMaxGeom && kh <= kMaxGeom && kw <= kMaxGeom,
+              "bad conv geometry: in_channels=", in_channels, ", kernel ", kh, "x", kw,
+              ", stride ", stride, ", pad ", pad, " (each >= 1, pad >= 0, at most ", kMaxGeom,
+              ")");
+  TORCH_CHECK(x.size(1) == in_channels, "x has ", x.size(1), " channels, the weight expects ",
+              in_channels);
+  TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "x must have H, W >= 1, got ", x.sizes());
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) >= 1, "rowptr must be 1-D with >= 1 entry");
   x = rows_contiguous(x);
   ConvGeometry g;
   const int64_t N = x.size(0);
@@ -328,7 +470,8 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   check_csr(rowptr, col, val, g.O);
   g.kh = kh, g.kw = kw, g.s = stride, g.pad = pad;
   const int64_t Hp = g.H + 2 * pad, Wp = g.W + 2 * pad;
-  TORCH_CHECK(Hp >= kh && Wp >= kw, "input smaller than the kernel");
+  TORCH_CHECK(Hp >= kh && Wp >= kw, "padded input ", Hp, "x", Wp, " is smaller than the kernel ",
+              kh, "x", kw);
   g.Ho = (Hp - kh) / g.s + 1, g.Wo = (Wp - kw) / g.s + 1;
   g.Hq = (Hp + g.s - 1) / g.s, g.Wq = (Wp + g.s - 1) / g.s;  // polyphase plane size
   g.plane = (g.Hq + 1) * g.Wq;  // +1 row: strips of garbage columns may overrun
@@ -337,11 +480,19 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
 
   const bool has_bias = bias.defined() && bias.numel() > 0;
   const bool has_res = residual.defined() && residual.numel() > 0;
-  if (has_bias) TORCH_CHECK(bias.numel() == O && bias.dtype() == torch::kFloat32, "bad bias");
+  if (has_bias) {
+    check_cpu(bias, "bias");
+    TORCH_CHECK(bias.dim() == 1 && bias.numel() == O && bias.dtype() == torch::kFloat32 &&
+                    bias.is_contiguous(),
+                "bias must be a contiguous float32 vector of the ", O, " output channels");
+  }
   if (has_res) {
+    check_cpu(residual, "residual");
     TORCH_CHECK(residual.sizes() == torch::IntArrayRef({N, O, Ho, Wo}) &&
                     residual.dtype() == torch::kFloat32,
-                "residual must have the output's shape (N, O, Ho, Wo), float32");
+                "residual must have the output's shape (N, O, Ho, Wo) = ",
+                torch::IntArrayRef({N, O, Ho, Wo}), ", float32; got ", residual.sizes(), " ",
+                residual.dtype());
     residual = rows_contiguous(residual);
   }
   // `out`: a caller's reusable buffer (a fresh multi-MB tensor per call costs ~1 ms of
@@ -355,12 +506,13 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
                        (b.size(2) - 1) * b.stride(2) + b.size(3);
     return a0 < b0 + 4 * bn && b0 < a0 + 4 * an;
   };
-  if (!(out.defined() && out.dim() == 4 && out.sizes() == torch::IntArrayRef({N, O, Ho, Wo}) &&
+  if (!(out.defined() && out.device().is_cpu() && out.layout() == torch::kStrided &&
+        out.dim() == 4 && out.sizes() == torch::IntArrayRef({N, O, Ho, Wo}) &&
         out.dtype() == torch::kFloat32 && out.stride(3) == 1 && out.stride(2) >= Wo &&
         out.stride(1) >= Ho * out.stride(2) && out.stride(0) >= O * out.stride(1) &&
         (N == 0 || O == 0 || (!overlaps(out, x) && (!has_res || !overlaps(out, residual))))))
     out = torch::empty({N, O, Ho, Wo}, x.options());
-  if (N == 0 || O == 0) return out;
+  if (N == 0 || O == 0) return {out, true};
   g.osN = out.stride(0), g.osC = out.stride(1), g.osH = out.stride(2);
   g.rsN = has_res ? residual.stride(0) : 0, g.rsC = has_res ? residual.stride(1) : 0;
   g.rsH = has_res ? residual.stride(2) : 0;
@@ -369,8 +521,14 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   // image's prepared planes (C, plane), so a group is one image and needs no copy. (Even
   // on 8x8 maps, where several images per strip would cut loop overhead, skipping the
   // copy measured faster: ResNet-20 layer3 convs 0.16 -> 0.10-0.13 ms at batch 64.)
-  const bool in_place = x_padded && s == 1 && g.xsH == Wp && g.xsC == g.plane &&
-                        g.xsN == g.C * g.plane;
+  // The promise is checked against x's storage (never read outside it); its zero border
+  // cannot be checked cheaply (a non-zero one gives wrong sums, no out-of-bounds read).
+  const int64_t before = pad * Wp + pad;  // floats of border before x[n, 0, 0, 0]
+  const bool in_place =
+      x_padded && s == 1 && g.xsH == Wp && g.xsC == g.plane && g.xsN == g.C * g.plane &&
+      x.storage_offset() >= before &&
+      x.storage_offset() - before + N * g.xsN + kSlack <=
+          static_cast<int64_t>(x.storage().nbytes() / sizeof(float));
 
   // Images per group: enough that a group's strip is ~1000 floats (small feature maps
   // otherwise spend their time in per-channel loop overhead), and enough groups for the
@@ -403,12 +561,23 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
   const float* xp = x.data_ptr<float>();
   float* op = out.data_ptr<float>();
 
-  // The prepared planes of group gr: in place, or copied into `buf`.
+  // The prepared planes of group gr: in place, or copied into `buf`; channels
+  // [c_begin, c_end) are tested for NaN / inf on the way (in place: scanned whole, border
+  // included, right before the group's convolution reads them from cache).
+  std::atomic<bool> nonfinite{false};
   auto planes = [&](int64_t gr, float* buf, int64_t c_begin, int64_t c_end) -> const float* {
     const int64_t n0 = gr * G;
-    if (in_place) return xp + n0 * g.xsN - (pad * Wp + pad);
-    prepare_group(xp + n0 * g.xsN, group_size(gr), buf, g, used, c_begin, c_end);
-    return buf;
+    bool bad;
+    const float* prep;
+    if (in_place) {
+      prep = xp + n0 * g.xsN - before;
+      bad = !all_finite(prep + c_begin * g.plane, (c_end - c_begin) * g.plane);
+    } else {
+      bad = prepare_group(xp + n0 * g.xsN, group_size(gr), buf, g, used, c_begin, c_end, true);
+      prep = buf;
+    }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
+    return prep;
   };
   auto compute = [&](int64_t gr, const float* prep, int64_t o_begin, int64_t o_end) {
     const int64_t gs = group_size(gr), n0 = gr * G;
@@ -441,64 +610,105 @@ torch::Tensor sparse_conv2d(torch::Tensor x, torch::Tensor rowptr, torch::Tensor
     float* pp = buf.data();  // not `buf` inside the tasks: thread_local, other threads' own
     for (int64_t gr = 0; gr < groups; ++gr) {
       float* dst = pp + gr * per_group;
-      const float* prep = in_place ? planes(gr, nullptr, 0, 0) : dst;
+      // in place: the scan alone, in this thread (cheaper than waking the pool)
+      const float* prep = in_place ? planes(gr, nullptr, 0, g.C) : dst;
       if (!in_place)
         at::parallel_for(0, g.C, 1, [&](int64_t b, int64_t e) { planes(gr, dst, b, e); });
       at::parallel_for(0, O, 1, [&](int64_t b, int64_t e) { compute(gr, prep, b, e); });
     }
   }
-  return out;
+  return {out, !nonfinite.load()};
 }
 
-// x: (N, K) float32; CSR over (O, K); returns act(x @ W.T + bias), (N, O).
-torch::Tensor sparse_linear(torch::Tensor x, torch::Tensor rowptr, torch::Tensor col,
-                            torch::Tensor val, torch::Tensor bias, bool relu) {
-  TORCH_CHECK(x.dim() == 2 && x.dtype() == torch::kFloat32, "x must be (N, K) float32");
+// x: (N, K) float32 with K = in_features; CSR over (O, K); returns (act(x @ W.T + bias),
+// (N, O); whether x held no NaN / inf). When it held one, the output is left uncomputed:
+// the dense product multiplies the NaN / inf by the zero weights too (NaN), which the
+// caller computes densely. Every array is checked before it is indexed: rowptr in O(O)
+// up front, each column as the product reads it (a column outside [0, in_features) is
+// skipped, then reported: never read). A separate O(nnz) scan cost 1.1 us of a 20 us
+// batch-1 call (1024 x 1024 at 98 %), the test inside the loop 0.5 us with the rest.
+std::tuple<torch::Tensor, bool> sparse_linear(torch::Tensor x, torch::Tensor rowptr,
+                                              torch::Tensor col, torch::Tensor val,
+                                              torch::Tensor bias, int64_t in_features, bool relu) {
+  check_cpu(x, "x");
+  TORCH_CHECK(x.dim() == 2, "x must be 2-D (N, in_features), got ", x.dim(), "-D");
+  TORCH_CHECK(x.dtype() == torch::kFloat32, "x must be float32, got ", x.dtype());
+  TORCH_CHECK(x.size(1) == in_features, "x has ", x.size(1), " features, the weight expects ",
+              in_features);
+  TORCH_CHECK(rowptr.dim() == 1 && rowptr.size(0) >= 1, "rowptr must be 1-D with >= 1 entry");
   x = x.contiguous();
   const int64_t N = x.size(0), K = x.size(1), O = rowptr.size(0) - 1;
   check_csr(rowptr, col, val, O);
-  const bool has_bias = bias.defined() && bias.numel() > 0;
-  const int32_t* rp = rowptr.data_ptr<int32_t>();
   const int32_t* cp = col.data_ptr<int32_t>();
+  const bool has_bias = bias.defined() && bias.numel() > 0;
+  if (has_bias) {
+    check_cpu(bias, "bias");
+    TORCH_CHECK(bias.dim() == 1 && bias.numel() == O && bias.dtype() == torch::kFloat32 &&
+                    bias.is_contiguous(),
+                "bias must be a contiguous float32 vector of the ", O, " outputs");
+  }
+  const int32_t* rp = rowptr.data_ptr<int32_t>();
   const float* vp = val.data_ptr<float>();
   const float* bp = has_bias ? bias.data_ptr<float>() : nullptr;
   auto out = torch::empty({N, O}, x.options());
   float* op = out.data_ptr<float>();
-  if (N == 0 || O == 0) return out;
+  if (N == 0 || O == 0) return {out, true};
+  if (!all_finite(x.data_ptr<float>(), N * K)) return {out, false};
+  const uint32_t uK = static_cast<uint32_t>(K);  // a negative column is >= uK as unsigned
   if (N < 8) {
     // Few samples: one gathered dot product per (sample, output).
     const float* xp = x.data_ptr<float>();
+    std::atomic<bool> outside{false};
     at::parallel_for(0, O, 16, [&](int64_t b, int64_t e) {
+      bool bad = false;
       for (int64_t n = 0; n < N; ++n)
         for (int64_t o = b; o < e; ++o) {
           float a = bp ? bp[o] : 0.f;
-          for (int32_t j = rp[o]; j < rp[o + 1]; ++j) a += vp[j] * xp[n * K + cp[j]];
-          op[n * O + o] = relu && a < 0.f ? 0.f : a;
+          for (int32_t j = rp[o]; j < rp[o + 1]; ++j) {
+            const uint32_t c = static_cast<uint32_t>(cp[j]);
+            if (c >= uK) {
+              bad = true;
+              continue;
+            }
+            a += vp[j] * xp[n * K + c];
+          }
+          op[n * O + o] = relu ? relu_keep_nan(a) : a;
         }
+      if (bad) outside.store(true, std::memory_order_relaxed);
     });
-    return out;
+    if (outside.load()) check_cols(cp, col.numel(), K, "in_features");
+    return {out, true};
   }
   // Many samples: out^T[o, :] = sum_j W[o, k_j] * x^T[k_j, :], contiguous along the batch.
   auto xt = x.t().contiguous();  // (K, N)
   const float* xtp = xt.data_ptr<float>();
   auto outt = torch::empty({O, N}, x.options());
   float* otp = outt.data_ptr<float>();
+  std::atomic<bool> outside{false};
   at::parallel_for(0, O, 4, [&](int64_t b, int64_t e) {
+    bool bad = false;
     for (int64_t o = b; o < e; ++o) {
       float* d = otp + o * N;
       const float bo = bp ? bp[o] : 0.f;
       for (int64_t n = 0; n < N; ++n) d[n] = bo;
       for (int32_t j = rp[o]; j < rp[o + 1]; ++j) {
+        const uint32_t c = static_cast<uint32_t>(cp[j]);
+        if (c >= uK) {
+          bad = true;
+          continue;
+        }
         const float w = vp[j];
-        const float* __restrict s = xtp + static_cast<int64_t>(cp[j]) * N;
+        const float* __restrict s = xtp + static_cast<int64_t>(c) * N;
         for (int64_t n = 0; n < N; ++n) d[n] += w * s[n];
       }
       if (relu)
-        for (int64_t n = 0; n < N; ++n) d[n] = d[n] > 0.f ? d[n] : 0.f;
+        for (int64_t n = 0; n < N; ++n) d[n] = relu_keep_nan(d[n]);
     }
+    if (bad) outside.store(true, std::memory_order_relaxed);
   });
+  if (outside.load()) check_cols(cp, col.numel(), K, "in_features");
   out.copy_(outt.t());
-  return out;
+  return {out, true};
 }
 
 // ===========================================================================================
@@ -612,7 +822,7 @@ void bchunk(const float* __restrict src, const int64_t* __restrict offs,
     for (int v = 0; v < V; ++v) {
       __m512 a = acc[r * V + v];
       if (res) a = _mm512_add_ps(a, _mm512_loadu_ps(res + r * out_row + v * kVec));
-      if (relu) a = _mm512_max_ps(a, _mm512_setzero_ps());
+      if (relu) a = relu_keep_nan(a);
       _mm512_storeu_ps(d + r * out_row + v * kVec, a);
     }
 #else
@@ -631,7 +841,7 @@ void bchunk(const float* __restrict src, const int64_t* __restrict offs,
     for (int v = 0; v < V; ++v)
       for (int l = 0; l < kVec; ++l) {
         float x = acc[(r * V + v) * kVec + l] + (res ? res[r * out_row + v * kVec + l] : 0.f);
-        d[r * out_row + v * kVec + l] = relu && x < 0.f ? 0.f : x;
+        d[r * out_row + v * kVec + l] = relu ? relu_keep_nan(x) : x;
       }
 #endif
 }
@@ -716,17 +926,34 @@ std::atomic<uint64_t> g_plan_ids{1};
 
 }  // namespace
 
+// forward's status: the output is exact; a NaN / inf may have reached a conv's input (the
+// output may not be what the dense convs give, which multiply it by their zero weights
+// too: the caller recomputes layer by layer); a tensor changed since construction
+// (nothing computed: the caller builds a new executor, which checks them again).
+//
+// Where a NaN / inf can come from: the chain's input (tested while it is copied in), the
+// weights or biases (tested at construction: a chain holding one reports kNonFinite
+// without computing), or an activation overflowing float32 (tested where it reaches the
+// output, while it is copied out). Testing every value an op makes cost 6-9 % of a
+// batch-1 ResNet-20 call (the 98 %-sparse epilogues are much of the work), so an overflow
+// whose inf vanishes before the output (relu(-inf) = 0) is not seen.
+enum ChainStatus : int64_t { kExact = 0, kNonFinite = 1, kStale = 2 };
+
 class SparseChainExec {
  public:
-  // specs[k] = {in, res, O, C, kh, kw, stride, pad, relu}; tensors: CSR + bias (empty = none)
+  // specs[k] = {in, res, O, C, kh, kw, stride, pad, relu}; tensors: CSR + bias (empty = none).
+  // Every array is checked here, once: rowptr (O(O)) and the columns (O(nnz)) are then
+  // COPIED, so the indices the executor forms never change behind its back; values and
+  // bias are read in place. forward reports kStale when a source tensor was written in
+  // place (its version counter moved) or moved to other storage since.
   SparseChainExec(std::vector<torch::Tensor> rowptrs, std::vector<torch::Tensor> cols,
                   std::vector<torch::Tensor> vals, std::vector<torch::Tensor> biases,
                   std::vector<std::vector<int64_t>> specs, int64_t output)
-      : rowptrs_(std::move(rowptrs)), cols_(std::move(cols)), vals_(std::move(vals)),
+      : src_rowptrs_(std::move(rowptrs)), src_cols_(std::move(cols)), vals_(std::move(vals)),
         biases_(std::move(biases)), output_(output) {
     const int64_t n = static_cast<int64_t>(specs.size());
-    TORCH_CHECK(n > 0 && static_cast<int64_t>(rowptrs_.size()) == n &&
-                    static_cast<int64_t>(cols_.size()) == n &&
+    TORCH_CHECK(n > 0 && static_cast<int64_t>(src_rowptrs_.size()) == n &&
+                    static_cast<int64_t>(src_cols_.size()) == n &&
                     static_cast<int64_t>(vals_.size()) == n &&
                     static_cast<int64_t>(biases_.size()) == n,
                 "one spec and one CSR triple + bias per op");
@@ -740,29 +967,59 @@ class SparseChainExec {
       op.s = sp[6], op.p = sp[7], op.relu = sp[8] != 0;
       TORCH_CHECK(op.in >= 0 && op.in <= k && op.res >= -1 && op.res <= k,
                   "op ", k, " reads a value that is not computed before it");
-      TORCH_CHECK(op.s >= 1 && op.p >= 0 && op.kh >= 1 && op.kw >= 1, "bad conv geometry");
-      check_csr(rowptrs_[k], cols_[k], vals_[k], op.O);
+      TORCH_CHECK(op.s >= 1 && op.p >= 0 && op.kh >= 1 && op.kw >= 1 && op.C >= 1 &&
+                      op.s <= kMaxGeom && op.p <= kMaxGeom && op.kh <= kMaxGeom &&
+                      op.kw <= kMaxGeom && op.C <= kMaxGeom * kMaxGeom,
+                  "op ", k, ": bad conv geometry (in_channels ", op.C, ", kernel ", op.kh, "x",
+                  op.kw, ", stride ", op.s, ", pad ", op.p, ")");
+      TORCH_CHECK(op.in == 0 || ops_[op.in - 1].O == op.C, "op ", k, " reads value ", op.in,
+                  " (", op.in == 0 ? 0 : ops_[op.in - 1].O, " channels) but expects ", op.C);
+      TORCH_CHECK(op.res <= 0 || ops_[op.res - 1].O == op.O, "op ", k, " adds value ", op.res,
+                  " (", op.res <= 0 ? 0 : ops_[op.res - 1].O, " channels) to its ", op.O,
+                  " output channels");
+      try {
+        TORCH_CHECK(op.O >= 0, "out_channels must be >= 0, got ", op.O);
+        TORCH_CHECK(src_rowptrs_[k].dim() == 1 && src_rowptrs_[k].size(0) >= 1,
+                    "rowptr must be 1-D with >= 1 entry");
+        check_csr(src_rowptrs_[k], src_cols_[k], vals_[k], op.O);
+        check_cols(src_cols_[k].data_ptr<int32_t>(), src_cols_[k].numel(),
+                   op.C * op.kh * op.kw, "in_channels * kh * kw");
+        if (biases_[k].defined() && biases_[k].numel() > 0) {
+          check_cpu(biases_[k], "bias");
+          TORCH_CHECK(biases_[k].dim() == 1 && biases_[k].numel() == op.O &&
+                          biases_[k].dtype() == torch::kFloat32 && biases_[k].is_contiguous(),
+                      "bias must be a contiguous float32 vector of the ", op.O,
+                      " output channels");
+        }
+      } catch (const c10::Error& e) {
+        TORCH_CHECK(false, "op ", k, ": ", e.what_without_backtrace());
+      }
+      rowptrs_.push_back(src_rowptrs_[k].clone());
+      cols_.push_back(src_cols_[k].clone());
       op.rp = rowptrs_[k].data_ptr<int32_t>();
       op.cp = cols_[k].data_ptr<int32_t>();
       op.vp = vals_[k].data_ptr<float>();
       op.nnz = cols_[k].numel();
-      for (int64_t j = 0; j < op.nnz; ++j)
-        TORCH_CHECK(op.cp[j] >= 0 && op.cp[j] < op.C * op.kh * op.kw,
-                    "op ", k, ": column index beyond in_channels * kh * kw");
-      if (biases_[k].defined() && biases_[k].numel() > 0) {
-        TORCH_CHECK(biases_[k].numel() == op.O && biases_[k].dtype() == torch::kFloat32 &&
-                        biases_[k].is_contiguous(),
-                    "op ", k, ": bad bias");
-        op.bp = biases_[k].data_ptr<float>();
-      }
+      if (biases_[k].defined() && biases_[k].numel() > 0) op.bp = biases_[k].data_ptr<float>();
+      finite_weights_ = finite_weights_ && all_finite(op.vp, op.nnz) &&
+                        (!op.bp || all_finite(op.bp, op.O));
       B_ = std::max(B_, op.p);
     }
+    for (int64_t k = 0; k < n; ++k)
+      seen_.push_back(snapshot(k));
     last_.assign(n + 1, -1);
     for (int64_t k = 0; k < n; ++k) {
       last_[ops_[k].in] = std::max(last_[ops_[k].in], k);
       if (ops_[k].res >= 0) last_[ops_[k].res] = std::max(last_[ops_[k].res], k);
     }
     last_[output_] = n;
+  }
+
+  // Whether a source tensor changed since construction (see the constructor): O(ops).
+  bool stale() const {
+    for (size_t k = 0; k < ops_.size(); ++k)
+      if (snapshot(k) != seen_[k]) return true;
+    return false;
   }
 
   int64_t border() const { return B_; }
@@ -786,20 +1043,28 @@ class SparseChainExec {
   // (a fresh multi-MB tensor per call costs page faults: ~1 ms per 4 MB here).
   // wavefront: run same-size segments as row-band wavefronts (blocked layout; False: op
   // after op, for comparison).
-  torch::Tensor forward(torch::Tensor x, int64_t policy, int64_t split_work,
-                        std::optional<torch::Tensor> out_buffer, bool wavefront) {
-    TORCH_CHECK(x.dim() == 4 && x.dtype() == torch::kFloat32, "x must be (N, C, H, W) float32");
+  // Returns (output, ChainStatus).
+  std::tuple<torch::Tensor, int64_t> forward(torch::Tensor x, int64_t policy, int64_t split_work,
+                                             std::optional<torch::Tensor> out_buffer,
+                                             bool wavefront) {
+    check_cpu(x, "x");
+    TORCH_CHECK(x.dim() == 4, "x must be 4-D (N, C, H, W), got ", x.dim(), "-D");
+    TORCH_CHECK(x.dtype() == torch::kFloat32, "x must be float32, got ", x.dtype());
+    TORCH_CHECK(x.size(2) >= 1 && x.size(3) >= 1, "x must have H, W >= 1, got ", x.sizes());
     TORCH_CHECK(policy >= 0 && policy <= 2, "policy must be 0 (auto), 1 (blocked), 2 (spatial)");
+    if (stale()) return {torch::Tensor(), kStale};
+    if (!finite_weights_) return {torch::Tensor(), kNonFinite};
     x = x.contiguous();
     const int64_t N = x.size(0);
     const ChainPlan& plan = plan_for(x.size(1), x.size(2), x.size(3));
     const ValueGeom& go = plan.values[output_];
     torch::Tensor out = out_buffer.value_or(torch::Tensor());
-    if (!(out.defined() && out.sizes() == torch::IntArrayRef({N, go.C, go.H, go.W}) &&
+    if (!(out.defined() && out.device().is_cpu() && out.layout() == torch::kStrided &&
+          out.sizes() == torch::IntArrayRef({N, go.C, go.H, go.W}) &&
           out.dtype() == torch::kFloat32 && out.is_contiguous() &&
           out.data_ptr() != x.data_ptr()))
       out = torch::empty({N, go.C, go.H, go.W}, x.options());
-    if (N == 0) return out;
+    if (N == 0) return {out, kExact};
     int64_t groups = policy == 2 ? 0 : policy == 1 ? (N + kVec - 1) / kVec : N / kVec;
     const int64_t first_single = std::min(N, groups * kVec);
     const int64_t singles = N - first_single, tasks = groups + singles;
@@ -807,13 +1072,14 @@ class SparseChainExec {
     float* op = out.data_ptr<float>();
     const int64_t threads = at::get_num_threads();
     const int64_t nslots = static_cast<int64_t>(plan.boff.size());
+    std::atomic<bool> nonfinite{false};  // a NaN / inf in some conv's input
     auto run_task = [&](int64_t t, int64_t split) {
       if (t < groups) {
         Scratch& sc = scratch(plan, true, plan.btotal, nslots);
-        run_blocked(plan, xp, N, t * kVec, sc, op, split, wavefront);
+        run_blocked(plan, xp, N, t * kVec, sc, op, split, wavefront, nonfinite);
       } else {
         Scratch& sc = scratch(plan, false, plan.stotal + plan.sprep, nslots);
-        run_single(plan, xp, first_single + (t - groups), sc, op, split);
+        run_single(plan, xp, first_single + (t - groups), sc, op, split, nonfinite);
       }
     };
     if (tasks >= threads || threads == 1 || split_work < 0) {
@@ -826,7 +1092,7 @@ class SparseChainExec {
     } else {
       for (int64_t t = 0; t < tasks; ++t) run_task(t, split_work);
     }
-    return out;
+    return {out, nonfinite.load() ? kNonFinite : kExact};
   }
 
  private:
@@ -950,8 +1216,10 @@ class SparseChainExec {
   }
 
   // Images [n0, n0 + 16) (zeros beyond N) through the chain in the blocked layout.
+  // Sets `nonfinite` when a NaN / inf is in the input or the output (see ChainStatus).
   void run_blocked(const ChainPlan& plan, const float* xp, int64_t N, int64_t n0, Scratch& sc,
-                   float* outp, int64_t split, bool wavefront) const {
+                   float* outp, int64_t split, bool wavefront,
+                   std::atomic<bool>& nonfinite) const {
     const int64_t B = B_, lanes = std::min<int64_t>(kVec, N - n0);
     float* base = sc.base();
     auto buf = [&](int64_t v) { return base + plan.boff[plan.slot[v]]; };
@@ -963,6 +1231,7 @@ class SparseChainExec {
       if (lanes < kVec) std::memset(d, 0, sizeof(float) * g.C * Hb * Wb * kVec);  // empty lanes
       border(0);
       const int64_t img = g.C * g.H * g.W;
+      bool bad = false;
       for (int64_t c = 0; c < g.C; ++c)
         for (int64_t y = 0; y < g.H; ++y) {
           // one row of all images: x outer, lanes inner (each store fills one vector)
@@ -970,20 +1239,27 @@ class SparseChainExec {
           float* dst = d + ((c * Hb + y + B) * Wb + B) * kVec;
 #ifdef __AVX512F__
           // 16 pixels of the 16 images at a time: rows = images, transposed to pixels
+          // (NaN / inf tested on the loaded rows)
+          __mmask16 badm = 0;
           for (int64_t x0 = 0; x0 < g.W; x0 += kVec) {
             const int64_t w = std::min<int64_t>(kVec, g.W - x0);
             const __mmask16 m = static_cast<__mmask16>((1u << w) - 1);
             __m512 r[16];
-            for (int64_t l = 0; l < kVec; ++l)
+            for (int64_t l = 0; l < kVec; ++l) {
               r[l] = l < lanes ? _mm512_maskz_loadu_ps(m, src + l * img + x0) : _mm512_setzero_ps();
+              badm |= nonfinite_mask(r[l]);
+            }
             transpose16(r);
             for (int64_t i = 0; i < w; ++i) _mm512_storeu_ps(dst + (x0 + i) * kVec, r[i]);
           }
+          bad |= badm != 0;
 #else
           for (int64_t x = 0; x < g.W; ++x)
             for (int64_t l = 0; l < lanes; ++l) dst[x * kVec + l] = src[l * img + x];
+          for (int64_t l = 0; l < lanes; ++l) bad |= !all_finite(src + l * img, g.W);
 #endif
         }
+      if (bad) nonfinite.store(true, std::memory_order_relaxed);
     }
     // Rows [ya, yb) of op k.
     auto rows = [&](size_t k, int64_t ya, int64_t yb) {
@@ -1048,30 +1324,39 @@ class SparseChainExec {
     const int64_t Hb = g.H + 2 * B, Wb = g.W + 2 * B;
     const float* s = buf(output_);
     const int64_t img = g.C * g.H * g.W;
+    bool bad = false;  // an overflow that reached the output (tested on the way out)
     for (int64_t c = 0; c < g.C; ++c)
       for (int64_t y = 0; y < g.H; ++y) {
         float* dst = outp + ((n0 * g.C + c) * g.H + y) * g.W;
         const float* src = s + ((c * Hb + y + B) * Wb + B) * kVec;
 #ifdef __AVX512F__
+        const __mmask16 used = static_cast<__mmask16>((1u << lanes) - 1);  // real images
+        __mmask16 badm = 0;
         for (int64_t x0 = 0; x0 < g.W; x0 += kVec) {
           const int64_t w = std::min<int64_t>(kVec, g.W - x0);
           const __mmask16 m = static_cast<__mmask16>((1u << w) - 1);
           __m512 r[16];
-          for (int64_t i = 0; i < kVec; ++i)
+          for (int64_t i = 0; i < kVec; ++i) {
             r[i] = i < w ? _mm512_loadu_ps(src + (x0 + i) * kVec) : _mm512_setzero_ps();
+            badm |= nonfinite_mask(r[i]) & used;
+          }
           transpose16(r);
           for (int64_t l = 0; l < lanes; ++l) _mm512_mask_storeu_ps(dst + l * img + x0, m, r[l]);
         }
+        bad |= badm != 0;
 #else
         for (int64_t x = 0; x < g.W; ++x)
           for (int64_t l = 0; l < lanes; ++l) dst[l * img + x] = src[x * kVec + l];
+        for (int64_t l = 0; l < lanes; ++l) bad |= !all_finite(dst + l * img, g.W);
 #endif
       }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
   }
 
   // Image n through the chain with the NCHW kernel, values in padded per-image planes.
+  // Sets `nonfinite` as run_blocked does.
   void run_single(const ChainPlan& plan, const float* xp, int64_t n, Scratch& sc, float* outp,
-                  int64_t split) const {
+                  int64_t split, std::atomic<bool>& nonfinite) const {
     const int64_t B = B_;
     float* base = sc.base();
     auto buf = [&](int64_t v) { return base + plan.soff[plan.slot[v]]; };
@@ -1086,22 +1371,25 @@ class SparseChainExec {
       float* d = buf(0);
       border(0);
       const int64_t Wb = g.W + 2 * B, plane = (g.H + 2 * B + 1) * Wb;
+      bool bad = false;
       for (int64_t c = 0; c < g.C; ++c)
-        for (int64_t y = 0; y < g.H; ++y)
-          std::memcpy(d + c * plane + (y + B) * Wb + B, xp + ((n * g.C + c) * g.H + y) * g.W,
-                      sizeof(float) * g.W);
+        for (int64_t y = 0; y < g.H; ++y) {
+          const float* src = xp + ((n * g.C + c) * g.H + y) * g.W;
+          bad |= !all_finite(src, g.W);
+          std::memcpy(d + c * plane + (y + B) * Wb + B, src, sizeof(float) * g.W);
+        }
+      if (bad) nonfinite.store(true, std::memory_order_relaxed);
     }
     for (size_t k = 0; k < ops_.size(); ++k) {
       const ChainOp& op = ops_[k];
       const ConvGeometry& g = plan.sgeom[k];
-      const ValueGeom& go = plan.values[k + 1];
       border(k + 1);
       const auto t0 = profile_ ? Clock::now() : Clock::time_point{};
       const float* prep;
       if (plan.in_place[k]) {
         prep = buf(op.in);
       } else {
-        prepare_group(interior(op.in), 1, prep_buf, g, plan.sused[k], 0, g.C);
+        prepare_group(interior(op.in), 1, prep_buf, g, plan.sused[k], 0, g.C, false);
         prep = prep_buf;
       }
       const float* res = op.res >= 0 ? interior(op.res) : nullptr;
@@ -1120,13 +1408,31 @@ class SparseChainExec {
     const ValueGeom& g = plan.values[output_];
     const int64_t Wb = g.W + 2 * B, plane = (g.H + 2 * B + 1) * Wb;
     const float* s = buf(output_);
+    bool bad = false;  // an overflow that reached the output (tested on the way out)
     for (int64_t c = 0; c < g.C; ++c)
-      for (int64_t y = 0; y < g.H; ++y)
-        std::memcpy(outp + ((n * g.C + c) * g.H + y) * g.W, s + c * plane + (y + B) * Wb + B,
-                    sizeof(float) * g.W);
+      for (int64_t y = 0; y < g.H; ++y) {
+        const float* src = s + c * plane + (y + B) * Wb + B;
+        bad |= !all_finite(src, g.W);
+        std::memcpy(outp + ((n * g.C + c) * g.H + y) * g.W, src, sizeof(float) * g.W);
+      }
+    if (bad) nonfinite.store(true, std::memory_order_relaxed);
   }
 
-  std::vector<torch::Tensor> rowptrs_, cols_, vals_, biases_;
+  // A tensor's version counter (-1 for inference tensors, which have none: torch refuses
+  // in-place writes to them outside inference mode), storage address and size.
+  using Stamp = std::tuple<int64_t, const void*, int64_t>;
+  static Stamp stamp(const torch::Tensor& t) {
+    if (!t.defined()) return {0, nullptr, 0};
+    return {t.is_inference() ? -1 : t._version(), t.data_ptr(), t.numel()};
+  }
+  std::array<Stamp, 4> snapshot(size_t k) const {
+    return {stamp(src_rowptrs_[k]), stamp(src_cols_[k]), stamp(vals_[k]), stamp(biases_[k])};
+  }
+  // the caller's CSR tensors (for stale()), values and biases (read in place), and the
+  // executor's own copies of the index arrays
+  std::vector<torch::Tensor> src_rowptrs_, src_cols_, vals_, biases_, rowptrs_, cols_;
+  std::vector<std::array<Stamp, 4>> seen_;  // per op, at construction
+  bool finite_weights_ = true;              // no NaN / inf in any values or bias
   std::vector<ChainOp> ops_;
   using Clock = std::chrono::steady_clock;
   void record(size_t k, Clock::time_point t0) const {
@@ -1154,9 +1460,11 @@ bool has_avx512() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sparse_conv2d", &sparse_conv2d, "direct sparse convolution (CSR weights), float32",
         py::arg("x"), py::arg("rowptr"), py::arg("col"), py::arg("val"), py::arg("bias"),
-        py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("pad"), py::arg("residual"),
-        py::arg("relu"), py::arg("out"), py::arg("x_padded") = false);
-  m.def("sparse_linear", &sparse_linear, "CSR x dense linear, float32");
+        py::arg("in_channels"), py::arg("kh"), py::arg("kw"), py::arg("stride"), py::arg("pad"),
+        py::arg("residual"), py::arg("relu"), py::arg("out"), py::arg("x_padded") = false);
+  m.def("sparse_linear", &sparse_linear, "CSR x dense linear, float32", py::arg("x"),
+        py::arg("rowptr"), py::arg("col"), py::arg("val"), py::arg("bias"),
+        py::arg("in_features"), py::arg("relu"));
   m.def("has_avx512", &has_avx512, "compiled with AVX-512 intrinsics");
   py::class_<SparseChainExec>(m, "SparseChainExec")
       .def(py::init<std::vector<torch::Tensor>, std::vector<torch::Tensor>,
@@ -1168,6 +1476,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            py::arg("split_work") = -1, py::arg("out") = py::none(), py::arg("wavefront") = true,
            py::call_guard<py::gil_scoped_release>())
       .def("border", &SparseChainExec::border)
+      .def("stale", &SparseChainExec::stale)
       .def("set_profile", &SparseChainExec::set_profile, py::arg("on"))
       .def("op_seconds", &SparseChainExec::op_seconds);
 }
