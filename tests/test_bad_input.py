@@ -43,6 +43,41 @@ def _sweep_dict(**tables: object) -> None:
     sw.run_sweep(sw.Sweep.from_dict(raw), "sw", log=lambda _m: None)
 
 
+# --- sparse-inputs: ntksap.sparse layers, chains and models given inputs or arrays they
+# cannot take (called through .forward, the module's own entry: the check comes first) ---
+def _sparse_layer(kind: str) -> nn.Module:
+    from ntksap.sparse.layers import SparseConv2d, SparseLinear
+
+    gen = torch.Generator().manual_seed(0)
+    if kind == "linear":  # Linear(1000, 50), 10 % dense
+        w = torch.randn(50, 1000, generator=gen) * (torch.rand(50, 1000, generator=gen) < 0.1)
+        return SparseLinear.from_dense(w, None, relu=True)
+    return SparseConv2d.from_dense(torch.randn(4, 1, 3, 3, generator=gen), None, padding=1)
+
+
+def _sparse_chain() -> nn.Module:
+    from ntksap.sparse.layers import SparseChain, SparseConv2d
+
+    gen = torch.Generator().manual_seed(0)
+    a = SparseConv2d.from_dense(torch.randn(8, 3, 3, 3, generator=gen), None, padding=1)
+    b = SparseConv2d.from_dense(torch.randn(8, 8, 3, 3, generator=gen), None, padding=1)
+    return SparseChain([a, b], [(0, -1), (1, -1)], output=2)
+
+
+def _sparse_model() -> nn.Module:
+    from ntksap.sparse import SparseModel
+
+    return SparseModel(nn.Sequential(_sparse_layer("conv")), [])
+
+
+def _forged_linear(rowptr: list[int], col: list[int]) -> nn.Module:
+    from ntksap.sparse.layers import SparseLinear
+
+    i32 = torch.int32
+    return SparseLinear((2, 3), torch.tensor(rowptr, dtype=i32), torch.tensor(col, dtype=i32),
+                        torch.ones(len(col)))  # fmt: skip
+
+
 CASES: list[tuple[str, object, list[str]]] = [
     # --- command line: prune ---
     ("prune nan sparsity", [*PRUNE, "--sparsity", "nan"], ["finite"]),
@@ -190,6 +225,25 @@ CASES: list[tuple[str, object, list[str]]] = [
      nested_metadata))), ["nested"]),
     ("sparse-file extra tensor", _library(lambda: sparse_load(forged("extra",
      lambda m, t: t.update(extra=torch.zeros(1))))), ["'extra'", "not part of the structure"]),
+    # --- sparse-inputs: wrong inputs to sparse layers / chains / models, forged CSR ---
+    ("sparse-inputs linear width", _library(lambda: _sparse_layer("linear").forward(
+     torch.randn(2, 10))), ["mat1 and mat2 shapes cannot be multiplied (2x10 and 1000x50)",
+     "in_features=1000"]),
+    ("sparse-inputs conv channels", _library(lambda: _sparse_layer("conv").forward(
+     torch.randn(2, 3, 8, 8))), ["expected input[2, 3, 8, 8] to have 1 channels, but got 3"]),
+    ("sparse-inputs conv 0 channels", _library(lambda: _sparse_layer("conv").forward(
+     torch.randn(2, 0, 8, 8))), ["to have 1 channels, but got 0 channels"]),
+    ("sparse-inputs conv rank", _library(lambda: _sparse_layer("conv").forward(
+     torch.randn(8, 8))), ["4-D (N, C, H, W)", "[8, 8]"]),
+    ("sparse-inputs chain channels", _library(lambda: _sparse_chain().forward(
+     torch.randn(2, 4, 8, 8))), ["to have 3 channels, but got 4 channels"]),
+    ("sparse-inputs model float64", _library(lambda: _sparse_model().forward(
+     torch.randn(2, 1, 8, 8, dtype=torch.float64))),
+     ["SparseModel computes in float32, got input 0 of dtype torch.float64"]),
+    ("sparse-inputs rowptr decreases", _library(lambda: _forged_linear([0, 2, 1], [0, 1])),
+     ["rowptr must never decrease: rowptr[1] = 2 > rowptr[2] = 1"]),
+    ("sparse-inputs column past the fan-in", _library(lambda: _forged_linear([0, 1, 2],
+     [0, 9])), ["col_idx[1] = 9 is outside [0, 3) (in_features)"]),
 ]  # fmt: skip
 
 
