@@ -52,9 +52,11 @@ def test_every_method_declares_typed_options_with_help():
         "synflow": {"precision": (str, "auto")},
         "px": {
             "classifier": (str, None),
-            "leaky_gate": (str, "squared"),
-            "norm_stats": (str, "running"),
+            # None: the variant's own rule (code-2025: "squared", "running")
+            "leaky_gate": (str, None),
+            "norm_stats": (str, None),
             "precision": (str, "auto"),
+            "variant": (str, "code-2025"),
         },
     }
     for name in METHODS:
