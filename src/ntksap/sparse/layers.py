@@ -38,6 +38,7 @@ Example:
 from __future__ import annotations
 
 import math
+import operator
 import threading
 import warnings
 from typing import Any, Self
@@ -69,6 +70,9 @@ _EMPTY = torch.empty(0)
 PAD_SLACK = 256
 # largest stride / padding / kernel size the C++ kernels take (kMaxGeom in the C++)
 _MAX_GEOMETRY = 1 << 16
+# attribute of a BufferPool buffer: True when the sparse conv that last wrote it had a finite
+# input, finite weights and a finite residual (see SparseConv2d.compute)
+_FINITE_MARK = "_ntksap_finite"
 
 
 def to_csr(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,13 +185,24 @@ def _check_weight_shape(weight_shape: Any) -> tuple[int, ...]:
         raise ValueError(
             f"weight_shape must be (out, in) or (out, in/groups, kh, kw), got {weight_shape!r}"
         )
-    for i, v in enumerate(weight_shape):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+    out = tuple(_as_int(v) for v in weight_shape)
+    for i, v in enumerate(out):
+        if v is None or v < 1:
             raise ValueError(
-                f"weight_shape[{i}] must be a positive int, got {v!r} (weight_shape "
-                f"{list(weight_shape)})"
+                f"weight_shape[{i}] must be a positive int, got {weight_shape[i]!r} "
+                f"(weight_shape {list(weight_shape)})"
             )
-    return tuple(weight_shape)
+    return out  # type: ignore[return-value]
+
+
+def _as_int(v: Any) -> int | None:
+    """v as an int if it is one (numpy ints too; never a bool or a float), else None."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return None
 
 
 def _fan_in_words(shape: tuple[int, ...]) -> str:
@@ -573,14 +588,11 @@ class _SparseBase(InferenceOnly):
 
 def _positive_pair(v: Any, name: str, low: int) -> tuple[int, int]:
     """An int or a pair of ints, each >= low, as a pair (ValueError naming `name`)."""
-    pair = (v, v) if isinstance(v, int) else v
-    if (
-        not isinstance(pair, tuple | list)
-        or len(pair) != 2
-        or any(isinstance(p, bool) or not isinstance(p, int) or p < low for p in pair)
-    ):
+    pair = (v, v) if _as_int(v) is not None else v
+    ints = [_as_int(p) for p in pair] if isinstance(pair, tuple | list) else []
+    if len(ints) != 2 or any(p is None or p < low for p in ints):
         raise ValueError(f"{name} must be an int >= {low} or a pair of them, got {v!r}")
-    return int(pair[0]), int(pair[1])
+    return ints[0], ints[1]  # type: ignore[return-value]
 
 
 class SparseConv2d(_SparseBase):
@@ -625,8 +637,9 @@ class SparseConv2d(_SparseBase):
         else:
             padding_ = _positive_pair(padding, "padding", 0)
         out = self.weight_shape[0]
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
+        if _as_int(groups) is None or groups < 1:
             raise ValueError(f"groups must be a positive int, got {groups!r}")
+        groups = int(groups)
         if out % groups:
             raise ValueError(
                 f"groups={groups} must divide the {out} output channels (weight_shape[0])"
@@ -707,7 +720,7 @@ class SparseConv2d(_SparseBase):
                     if shape is None:
                         shape = self._out_shapes[x.shape] = self.output_shape(x.shape)
                     out = self.pool.get(self.slot, shape, self.out_pad)
-                y, finite = ext.sparse_conv2d(
+                y, finite, finite_weights = ext.sparse_conv2d(
                     x,
                     self.rowptr,
                     self.col_idx,
@@ -722,7 +735,20 @@ class SparseConv2d(_SparseBase):
                     self.relu,
                     out,
                     self.in_padded,
+                    # read in place from a buffer marked below: no NaN / inf scan needed
+                    self.in_padded and getattr(x, _FINITE_MARK, False),
                 )
+                if out is not _EMPTY:
+                    # A pool buffer (internal to the model) made from a finite input, finite
+                    # weights and a finite residual holds no NaN / inf (float32 overflow
+                    # aside): marked, so that a conv reading it in place skips its scan.
+                    setattr(
+                        out,
+                        _FINITE_MARK,
+                        finite
+                        and finite_weights
+                        and (residual is None or getattr(residual, _FINITE_MARK, False)),
+                    )
                 if finite:
                     return y
                 # a NaN / inf in the input: the dense conv also multiplies it by the zero
