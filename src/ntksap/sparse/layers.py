@@ -897,6 +897,13 @@ class SparseChain(InferenceOnly):
     as a row-band wavefront: each conv computes the next two rows its inputs already have,
     so values are read back while still in L2 (`wavefront = False`: conv after conv).
 
+    The executor checks the layers' arrays once when it is built and copies their index
+    arrays; an in-place write to a layer's tensors makes the next call build (and check)
+    it again. An input holding NaN / inf, or NaN / inf weights or biases, run layer by
+    layer instead (each conv such a value reaches computes densely, as the dense masked
+    model); an activation overflowing float32 inside the chain is seen only where it
+    reaches the chain's output.
+
     Example:
         >>> import torch
         >>> from torch import nn
