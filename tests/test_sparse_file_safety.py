@@ -320,16 +320,16 @@ def _rowptr(t):
 
 
 CSR_FORGERIES = [
-    ("rowptr starts at 1", lambda m, t: _rowptr(t).__setitem__(0, 1), "must start at 0"),
-    ("rowptr decreases", lambda m, t: _rowptr(t).__setitem__(1, 9), "never decrease"),
+    ("rowptr starts at 1", lambda m, t: _rowptr(t).__setitem__(0, 1), "rowptr[0] = 1, must be 0"),
+    ("rowptr decreases", lambda m, t: _rowptr(t).__setitem__(1, 9), "rowptr must never decrease"),
     ("rowptr ends past the non-zeros",
      lambda m, t: t.update({k: t[k][:-1] for k in ("net.fc.col_idx", "net.fc.values")}),
-     "must end at"),
+     "must equal nnz"),
     ("column too large", lambda m, t: t["net.fc.col_idx"].__setitem__(0, 4), "outside [0, 4)"),
     ("column negative", lambda m, t: t["net.fc.col_idx"].__setitem__(0, -7), "outside [0, 4)"),
     ("column repeated in a row",
      lambda m, t: t.update({"net.fc.col_idx": t["net.fc.col_idx"].sort().values.flip(0)}),
-     "increase within a row"),
+     "must increase strictly within a row"),
     ("rowptr int64", lambda m, t: t.update({"net.fc.rowptr": _rowptr(t).long()}),
      "must be int32"),
     ("values float64", lambda m, t: t.update({"net.fc.values": t["net.fc.values"].double()}),

@@ -89,7 +89,6 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from ntksap.sparse import _ext
-from ntksap.sparse import layers as _layers
 from ntksap.sparse.convert import LayerDecision, SparseModel, _assign_buffers, decisions_json
 from ntksap.sparse.layers import (
     CHAIN_MODES,
@@ -99,6 +98,7 @@ from ntksap.sparse.layers import (
     SparseConv2d,
     SparseLinear,
     _SparseBase,
+    check_csr,
     check_input,
 )
 
@@ -855,14 +855,12 @@ class _Reader:
                        "column index")  # fmt: skip
         bias = t.get(prefix + "bias", torch.float32, (rows if has_bias else 0,),
                      "bias" if has_bias else "empty bias (has_bias is false)")  # fmt: skip
-        _check_csr(prefix, rowptr, col, fan_in)
-        # the layers' own CSR check as well, where this version of layers.py has one
-        layer_check = getattr(_layers, "check_csr", None)
-        if layer_check is not None:
-            try:
-                layer_check(rowptr, col, values, shape)
-            except ValueError as exc:
-                _fail(f"tensors {prefix}rowptr / col_idx / values", str(exc))
+        try:  # the layers' CSR invariants, named here by the tensors' keys in the file
+            check_csr(rowptr, col, values, shape)
+        except ValueError as exc:  # its messages start with the array they are about
+            msg = str(exc)
+            arr = next((a for a in ("rowptr", "col_idx", "values") if msg.startswith(a)), None)
+            _fail(f"tensor {prefix + arr!r}" if arr else f"tensors of {prefix!r}", msg)
         return rowptr, col, values, bias if has_bias else None
 
     # -- chains -------------------------------------------------------------------------
@@ -1155,38 +1153,6 @@ def _init_value(v: Any, where: str) -> Any:
             _fail(where, f"must be finite, got {v}")
         return v
     _fail(where, f"a module argument must be a number, boolean, string or tuple, got {_show(v)}")
-
-
-def _check_csr(prefix: str, rowptr: torch.Tensor, col: torch.Tensor, fan_in: int) -> None:
-    """The CSR invariants (shapes and dtypes are checked before reading): rowptr starts at
-    0, never decreases and ends at nnz; every column is in [0, fan_in); columns increase
-    within a row (as `to_csr` writes them)."""
-    nnz = col.numel()
-    rp = rowptr.to(torch.int64)
-    key = f"tensor {prefix + 'rowptr'!r}"
-    if int(rp[0]) != 0:
-        _fail(key, f"CSR row pointers must start at 0, got {int(rp[0])}")
-    steps = rp[1:] - rp[:-1]
-    if bool((steps < 0).any()):
-        row = int((steps < 0).nonzero()[0, 0])
-        _fail(key, f"CSR row pointers must never decrease; row {row} goes from "
-              f"{int(rp[row])} to {int(rp[row + 1])}")  # fmt: skip
-    if int(rp[-1]) != nnz:
-        _fail(key, f"CSR row pointers must end at the {nnz} non-zeros, got {int(rp[-1])}")
-    if nnz == 0:
-        return
-    key = f"tensor {prefix + 'col_idx'!r}"
-    bad = (col < 0) | (col >= fan_in)
-    if bool(bad.any()):
-        j = int(bad.nonzero()[0, 0])
-        _fail(key, f"CSR column {int(col[j])} at position {j} is outside [0, {fan_in})")
-    rows = torch.repeat_interleave(torch.arange(rp.numel() - 1), steps)
-    same_row = rows[1:] == rows[:-1]
-    bad = same_row & (col[1:] <= col[:-1])
-    if bool(bad.any()):
-        j = int(bad.nonzero()[0, 0])
-        _fail(key, f"CSR columns must increase within a row; row {int(rows[j])} has "
-              f"{int(col[j])} then {int(col[j + 1])}")  # fmt: skip
 
 
 # -- the call guard -------------------------------------------------------------------------
