@@ -29,14 +29,24 @@ from ntksap.sparse._ext import available as extension_available
 from ntksap.sparse._ext import disabled as extension_disabled
 from ntksap.sparse.convert import LayerDecision, SparseModel, convert
 from ntksap.sparse.io import load, save
-from ntksap.sparse.layers import SparseChain, SparseConv2d, SparseLinear
+from ntksap.sparse.layers import (
+    InputShapeError,
+    InputTypeError,
+    SparseChain,
+    SparseConv2d,
+    SparseLinear,
+    check_csr,
+)
 
 __all__ = [
+    "InputShapeError",
+    "InputTypeError",
     "LayerDecision",
     "SparseChain",
     "SparseConv2d",
     "SparseLinear",
     "SparseModel",
+    "check_csr",
     "convert",
     "extension_available",
     "extension_disabled",
