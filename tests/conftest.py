@@ -76,3 +76,18 @@ def run_cli(argv: list, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, s
         code = exc.code if isinstance(exc.code, int) else 1
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def pooled_bn_net() -> nn.Module:
+    """Two conv-BN-ReLU blocks, a global average pool and a Linear(4, 3), float64, seeded;
+    the second BN's beta is 0.5 (input (N, 2, H, W)): the network where px's path kernel on
+    all-ones images in train mode cannot see the convs."""
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).double()  # fmt: skip
+    with torch.no_grad():
+        net[4].bias.fill_(0.5)
+    return net

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import ntksap
+from conftest import pooled_bn_net
 from ntksap import models
 from ntksap.cli import main
 from ntksap.scoring.px import PXRoundingWarning
@@ -266,14 +267,7 @@ def test_batch_statistics_blind_spot_before_a_globally_averaged_batchnorm():
     train-mode BN output averages to beta over each image's positions, and after a global
     average pool z2 no longer depends on the convs: their exact (float64) scores vanish,
     while the classifier's (beta != 0) and every score with norm_stats="running" do not."""
-    torch.manual_seed(3)
-    net = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    ).double()  # fmt: skip
-    with torch.no_grad():
-        net[4].bias.fill_(0.5)
+    net = pooled_bn_net()
     data = _batches((2, 5, 5), 3, 6, n=1)
     with pytest.warns(PXRoundingWarning, match=r"2 of 3 prunable tensors are float rounding"):
         batch = ntksap.compute_scores(net, "px", data=data, norm_stats="batch")

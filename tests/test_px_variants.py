@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import ntksap
+from conftest import pooled_bn_net
 from ntksap.scoring.px import PXRoundingWarning
 
 RTOL = 1e-9  # float64 on both sides; only the summation order differs
@@ -308,14 +309,7 @@ def test_code_2024_has_no_batchnorm_blind_spot_before_a_global_pool():
     """pk on all-ones images in train mode cannot see the convs before a globally pooled
     BatchNorm (the rounding warning of norm_stats="batch"); code-2024 feeds pk the real
     batch, so the same network scores its convs and nothing warns."""
-    torch.manual_seed(3)
-    net = nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
-    ).double()  # fmt: skip
-    with torch.no_grad():
-        net[4].bias.fill_(0.5)
+    net = pooled_bn_net()
     g = torch.Generator().manual_seed(0)
     data = [(torch.randn((6, 2, 5, 5), generator=g, dtype=torch.float64), torch.arange(6) % 3)]
     with pytest.warns(PXRoundingWarning, match="float rounding"):
