@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ntksap.files import atomic_write, check_new_file, read_json
-from ntksap.masks import MaskError, Masks, check_input_shape
+from ntksap.masks import MaskError, Masks
 
 __all__ = [
     "FORMATS",
@@ -167,9 +167,8 @@ def _build(name: str, masks: Masks | None, shape: Sequence[int], classes: int, s
 
     if masks is None:  # a dense run: the sizes come from the data set, not from a file
         return build_model(name, classes, tuple(shape), seed)
-    # the sizes come from the mask file's metadata: checked against its masks before the
-    # real model (and its example input) is allocated
-    check_input_shape(shape, "the masks' input_shape", MaskError)
+    # the sizes come from the mask file's metadata (range-checked when the Masks were made):
+    # the model must fit the masks before the real one (and its example input) is allocated
     return masks.build_fitting(lambda: build_model(name, classes, tuple(shape), seed))
 
 
