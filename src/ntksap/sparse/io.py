@@ -98,7 +98,6 @@ from ntksap.sparse.layers import (
     SparseConv2d,
     SparseLinear,
     _SparseBase,
-    check_csr,
     check_input,
 )
 
@@ -824,8 +823,12 @@ class _Reader:
             layer: _SparseBase = (
                 SparseConv2d(**common, **conv) if kind == "conv" else SparseLinear(**common)
             )
-        except (ValueError, TypeError) as exc:  # the layer's own checks
-            _fail(where, str(exc))
+        except (ValueError, TypeError) as exc:  # the layer's own checks (check_csr first)
+            msg = str(exc)  # its messages start with the array or setting they are about
+            arr = next(
+                (a for a in ("rowptr", "col_idx", "values", "bias") if msg.startswith(a)), None
+            )
+            _fail(f"tensor {prefix + arr!r}" if arr else where, msg)
         layer.source_name = source
         return layer.eval()
 
@@ -855,12 +858,8 @@ class _Reader:
                        "column index")  # fmt: skip
         bias = t.get(prefix + "bias", torch.float32, (rows if has_bias else 0,),
                      "bias" if has_bias else "empty bias (has_bias is false)")  # fmt: skip
-        try:  # the layers' CSR invariants, named here by the tensors' keys in the file
-            check_csr(rowptr, col, values, shape)
-        except ValueError as exc:  # its messages start with the array they are about
-            msg = str(exc)
-            arr = next((a for a in ("rowptr", "col_idx", "values") if msg.startswith(a)), None)
-            _fail(f"tensor {prefix + arr!r}" if arr else f"tensors of {prefix!r}", msg)
+        # the CSR invariants are the layer constructor's `check_csr` (run first thing, before
+        # any densifying); `layer` names its errors by the tensors' keys
         return rowptr, col, values, bias if has_bias else None
 
     # -- chains -------------------------------------------------------------------------
