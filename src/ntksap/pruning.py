@@ -150,18 +150,95 @@ def _keep_top_among(
     return keep
 
 
+def _top_per_row(
+    scores: torch.Tensor, mask: torch.Tensor, j: int, generator: torch.Generator | None
+) -> torch.Tensor:
+    """Bool mask of each row's (output unit's) j best-scored alive entries (fewer where the
+    row has fewer alive). Ties are broken by a seeded column permutation (by column index
+    without `generator`); one sort of the whole tensor, no loop over rows."""
+    rows = scores.shape[0]
+    s2, m2 = scores.reshape(rows, -1), mask.reshape(rows, -1)
+    cols = s2.shape[1]
+    perm = (
+        torch.randperm(cols, generator=generator) if generator is not None else torch.arange(cols)
+    ).to(s2.device)
+    ranked = torch.where(m2, s2.double(), -math.inf)[:, perm]
+    order = torch.sort(ranked, dim=1, descending=True, stable=True).indices[:, : min(j, cols)]
+    picked = perm[order]  # (rows, j) column indices, best first
+    valid = m2.gather(1, picked)  # a row with fewer than j alive entries picks dead ones last
+    keep = torch.zeros_like(m2)
+    keep[torch.arange(rows, device=s2.device).unsqueeze(1).expand_as(picked)[valid],
+         picked[valid]] = True  # fmt: skip
+    return keep.view_as(mask)
+
+
+def floor_reserve(
+    scores: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    k: int,
+    floor: float,
+    generator: torch.Generator | None = None,
+) -> dict[str, torch.Tensor]:
+    """The entries a selection floor keeps whatever the global ranking says (bool per tensor).
+
+    With L tensors and k weights kept this round, the share is floor(floor x k / L). The last
+    tensor (the output layer, in registration order) first gives each output unit (row) its
+    best max(1, share // rows) weights, so no class is left to its bias alone, then tops up
+    to its share; every other tensor keeps its best min(alive, share) weights (`floor` = 1:
+    no layer below a balanced share k / L unless it is smaller), the share lowered when the
+    output units took more than it, so at most k entries are reserved whenever k >= rows.
+    Only alive entries (mask True) are reserved; ties at a cut are broken as `select` does.
+
+    >>> s = {"a": torch.tensor([[9.0, 8, 7, 6]]), "b": torch.tensor([[1.0, 0], [0, 2]])}
+    >>> m = {n: torch.ones_like(v, dtype=torch.bool) for n, v in s.items()}
+    >>> r = floor_reserve(s, m, k=4, floor=1.0)
+    >>> r["a"].int().tolist(), r["b"].int().tolist()
+    ([[1, 1, 0, 0]], [[1, 0], [0, 1]])
+    """
+    names = list(scores)
+    if not names or floor <= 0:
+        return {n: torch.zeros_like(masks[n]) for n in names}
+    share = math.floor(floor * k / len(names))
+    out: dict[str, torch.Tensor] = {}
+
+    def best(n: str, count: int, taken: torch.Tensor | None = None) -> torch.Tensor:
+        alive = masks[n].flatten() if taken is None else masks[n].flatten() & ~taken
+        count = min(count, int(alive.sum()))
+        return _keep_top_among(scores[n].flatten(), alive, count, generator)
+
+    # the output layer first: one weight per unit at least, then the rest of its share
+    head = names[-1]
+    keep = torch.zeros_like(masks[head].flatten())
+    if scores[head].dim() >= 2:
+        per_row = max(1, share // scores[head].shape[0])
+        keep = _top_per_row(scores[head], masks[head], per_row, generator).flatten()
+    keep |= best(head, share - int(keep.sum()), keep)
+    out[head] = keep.view_as(masks[head])
+    # the other layers: their share, lowered if the units' floor took more than the share
+    others = names[:-1]
+    if others:
+        share = min(share, (k - int(keep.sum())) // len(others))
+    for n in others:
+        out[n] = best(n, max(share, 0)).view_as(masks[n])
+    return {n: out[n] for n in names}
+
+
 def select(
     scores: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
     density: float,
     scope: str = "global",
     generator: torch.Generator | None = None,
+    floor: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """New masks keeping exactly round(density * N) of the highest scores.
 
     Only currently kept entries (mask True) compete, so pruned ones never come back;
     N counts all entries. `scope="global"` ranks across all tensors, `"local"` within each.
     Exact ties at the cut go to the lower flat index, or are drawn with `generator`.
+    `floor` > 0 (global scope only): the entries `floor_reserve` names are kept first, then
+    the rest of the k by the global ranking (if the reserved entries alone exceed k, k of
+    them are kept, drawn as ties).
     """
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; valid choices: {', '.join(SCOPES)}")
@@ -175,6 +252,8 @@ def select(
         if bool(torch.isnan(s[m]).any()):
             raise FloatingPointError(f"scores for {n} contain NaN")
     if scope == "local":
+        if floor:
+            raise ValueError("floor needs scope='global' (a local scope keeps every layer's share)")
         out = {}
         for n, s in scores.items():
             m = masks[n]
@@ -182,9 +261,15 @@ def select(
             out[n] = _keep_top_among(s.flatten(), m.flatten(), k, generator).view_as(s)
         return out
     names = list(scores)
-    flat = torch.cat([scores[n].flatten().to(dtype or torch.float32) for n in names])
+    total = sum(scores[n].numel() for n in names)
     alive = torch.cat([masks[n].flatten() for n in names])
-    k = min(kept_count(density, flat.numel()), int(alive.sum()))
+    k = min(kept_count(density, total), int(alive.sum()))
+    parts = [scores[n].flatten().to(dtype or torch.float32) for n in names]
+    if floor:
+        reserved = floor_reserve(scores, masks, k, floor, generator)
+        # reserved entries rank first (+inf); a -inf score elsewhere stays last
+        parts = [p.masked_fill(reserved[n].flatten(), math.inf) for p, n in zip(parts, names)]
+    flat = torch.cat(parts)
     keep = _keep_top_among(flat, alive, k, generator)
     out, offset = {}, 0
     for n in names:
@@ -793,6 +878,7 @@ def prune(
     distributed: bool = False,
     effective: bool = False,
     effective_tolerance: float = 0.01,
+    floor: float | None = None,
     **options: Any,
 ) -> Masks:
     """Compute pruning masks for `model` at initialisation. The model is left untouched.
@@ -848,6 +934,13 @@ def prune(
             "effective_probes" ([nominal, effective] pairs), "effective_converged".
         effective_tolerance: relative tolerance of `effective` (default 1 %): the probe is
             accepted when |effective - target| <= max(tolerance x target, 1 weight).
+        floor: selection floor in [0, 1] (global scope): every round, each of the L prunable
+            tensors keeps at least its best min(alive, floor(floor x k_t / L)) weights (k_t:
+            the round's kept count), and the output layer (the last tensor) spreads that
+            share over its output units, each keeping at least one weight; the rest of k_t
+            goes by the global ranking. 0 = no floor; 1 = no layer below a balanced share.
+            Default: the method's (`Method.floor_for`): 0, except NTK-SAP with robust=True
+            (1.0). Recorded as metadata "floor".
         **options: method options, e.g. ntksap `epsilon`, `resamples`, `num_samples`,
             `batch_size`, `init`, `inputs`; grasp `temperature`; synflow `precision` (see
             `ntksap.get_method(name).options` for types, defaults and help).
@@ -885,6 +978,13 @@ def prune(
     seed = validate.seed(seed)
     for flag, value in (("invert", invert), ("shuffle", shuffle), ("progress", progress)):
         validate.boolean(flag, value)
+    if floor is not None:
+        floor = validate.finite_float("floor", floor, low=0.0, high=1.0)
+        if floor and scope != "global":
+            raise ValueError(
+                f"floor={floor:g} needs scope='global' (scope='local' already keeps every "
+                "tensor's share)"
+            )
 
     def check_count(targets: dict[str, nn.Parameter]) -> None:
         n_total = sum(p.numel() for p in targets.values())
@@ -906,6 +1006,8 @@ def prune(
         distributed=distributed,
     )
 
+    if floor is None:
+        floor = st.method.floor_for(st.options) if scope == "global" else 0.0
     masks = {n: torch.ones_like(p, dtype=torch.bool) for n, p in st.params.items()}
     densities = schedule_densities(d, rounds, schedule)
     started = time.perf_counter()
@@ -925,7 +1027,7 @@ def prune(
                 raise RuntimeError(f"method {st.method.name} returned scores for the wrong tensors")
             if invert:
                 scores = {n: -s for n, s in scores.items()}
-            masks = select(scores, masks, densities[t], scope, ties)
+            masks = select(scores, masks, densities[t], scope, ties, floor)
             if st.group[1] > 1:
                 _broadcast_masks(masks, st.device)
     result = Masks(
@@ -937,6 +1039,7 @@ def prune(
             "rounds": rounds,
             "schedule": schedule,
             "scope": scope,
+            "floor": floor,
             "seed": seed,
             "options": st.options,
             "invert": invert,

@@ -327,6 +327,7 @@ def prepare(
     rounds: int | None = None,
     schedule: str = "exponential",
     scope: str = "global",
+    floor: float | None = None,
     include_bias: bool = False,
     exclude: Sequence[str] = (),
     include: Sequence[str] = (),
@@ -383,6 +384,11 @@ def prepare(
             "invert": v.boolean("invert", invert),
             "shuffle": v.boolean("shuffle", shuffle),
         }
+        if floor is not None:
+            # only when set: the configs (and sweep hashes) of other runs stay as they were
+            req.prune_settings["floor"] = v.finite_float("floor", floor, low=0.0, high=1.0)
+            if floor and scope != "global":
+                raise ValueError(f"floor={floor:g} needs scope='global'")
         if v.boolean("effective", effective):
             # only when set: the configs (and sweep hashes) of other runs stay as they were
             req.prune_settings["effective"] = True
@@ -399,9 +405,11 @@ def prepare(
             or options
             or effective
             or effective_tolerance is not None
+            or floor is not None
         ):
             raise ValueError(
-                "density, sparsity, effective, effective_tolerance and options need a method "
+                "density, sparsity, floor, effective, effective_tolerance and options need a "
+                "method "
                 "(method=None given)"
             )
         if mask is not None:
@@ -430,6 +438,7 @@ def run(
     rounds: int | None = None,
     schedule: str = "exponential",
     scope: str = "global",
+    floor: float | None = None,
     include_bias: bool = False,
     exclude: Sequence[str] = (),
     include: Sequence[str] = (),
@@ -457,8 +466,8 @@ def run(
         method, density | sparsity: prune with this method (`method=None`: no pruning).
         mask: train with these masks (a file or `Masks`) instead of pruning; with
             `method=None`.
-        rounds, schedule, scope, include_bias, exclude, include, invert, shuffle, options:
-            as `ntksap.prune` (options: the method's, e.g. {"resamples": 5}).
+        rounds, schedule, scope, floor, include_bias, exclude, include, invert, shuffle,
+            options: as `ntksap.prune` (options: the method's, e.g. {"resamples": 5}).
         effective: density / sparsity is the effective one (weights on an input-to-output
             path), as `ntksap.prune(effective=True)`; recorded as config "prune.effective".
         effective_tolerance: with `effective`, the relative tolerance of the search (default:
@@ -480,7 +489,8 @@ def run(
     req = prepare(
         out, preset=preset, model=model, dataset=dataset, data_dir=data_dir, method=method,
         density=density, sparsity=sparsity, mask=mask, rounds=rounds, schedule=schedule,
-        scope=scope, include_bias=include_bias, exclude=exclude, include=include, invert=invert,
+        scope=scope, floor=floor, include_bias=include_bias, exclude=exclude, include=include,
+        invert=invert,
         shuffle=shuffle, options=options, train=train, seed=seed, reinit=reinit, log=log,
         effective=effective, effective_tolerance=effective_tolerance,
     )  # fmt: skip

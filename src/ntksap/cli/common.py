@@ -304,6 +304,14 @@ def add_pruning_arguments(p: argparse.ArgumentParser, *, required: bool = True) 
     p.add_argument("--schedule", choices=SCHEDULES, default="exponential")
     p.add_argument("--scope", choices=SCOPES, default="global")
     p.add_argument(
+        "--floor",
+        type=finite_float,
+        metavar="F",
+        help="selection floor in [0, 1]: every layer keeps at least F x its balanced share "
+        "k/L each round, every output unit one weight (default: the method's; 1 for "
+        "ntksap --robust)",
+    )
+    p.add_argument(
         "--exclude",
         nargs="+",
         action="extend",
@@ -404,6 +412,7 @@ def pruning_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "schedule": args.schedule,
         "scope": args.scope,
+        "floor": args.floor,
         "seed": args.seed,
         "include_bias": args.include_bias,
         "exclude": args.exclude,

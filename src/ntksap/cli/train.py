@@ -160,6 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         schedule=args.schedule,
         scope=args.scope,
+        floor=args.floor,
         include_bias=args.include_bias,
         exclude=args.exclude,
         include=args.include,

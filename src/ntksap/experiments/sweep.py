@@ -86,6 +86,7 @@ RUN_KEYS = (
     "rounds",
     "schedule",
     "scope",
+    "floor",
     "include_bias",
     "exclude",
     "include",

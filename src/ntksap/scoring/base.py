@@ -332,6 +332,8 @@ class Method:
             ValueError; runs before any work.
         needs_data_when: for a method that is data-free at its defaults but reads real
             batches under some options: full options dict -> whether it reads them.
+        floor_when: the method's default selection floor (`ntksap.prune`'s `floor`) as a
+            function of its full options dict, e.g. NTK-SAP's robust=True -> 1.0; None: 0.
     """
 
     name: str
@@ -343,6 +345,18 @@ class Method:
     summary: str
     validate: Callable[[dict[str, Any]], None] | None = None
     needs_data_when: Callable[[dict[str, Any]], bool] | None = None
+    floor_when: Callable[[dict[str, Any]], float] | None = None
+
+    def floor_for(self, options: Mapping[str, Any] | None = None) -> float:
+        """The selection floor `ntksap.prune` uses when it is given none (see `prune`'s
+        `floor`): 0.0 (no floor) unless the method's options ask for one.
+
+        >>> get_method("ntksap").floor_for(), get_method("ntksap").floor_for({"robust": True})
+        (0.0, 1.0)
+        """
+        if self.floor_when is None:
+            return 0.0
+        return float(self.floor_when({**self.defaults, **(options or {})}))
 
     @property
     def defaults(self) -> dict[str, Any]:
@@ -400,6 +414,7 @@ def register_method(
     summary: str = "",
     validate: Callable[[dict[str, Any]], None] | None = None,
     needs_data_when: Callable[[dict[str, Any]], bool] | None = None,
+    floor_when: Callable[[dict[str, Any]], float] | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a scorer under `name`.
 
@@ -410,6 +425,8 @@ def register_method(
         needs_data_when: for a method data-free by default that reads real batches under
             some options: full options dict -> whether it does (see `Method.needs_data_for`);
             not together with `needs_data=True`.
+        floor_when: full options dict -> the method's default selection floor in [0, 1]
+            (see `Method.floor_for`).
     """
     if needs_data and needs_data_when is not None:
         raise TypeError(
@@ -444,6 +461,7 @@ def register_method(
                 summary=summary or (doc[0] if doc else ""),
                 validate=validate,
                 needs_data_when=needs_data_when,
+                floor_when=floor_when,
             )
         )
         return fn
