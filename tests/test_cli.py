@@ -239,3 +239,20 @@ def test_demo_sweep_prints_the_table_and_writes_the_report(tmp_path, capsys) -> 
         assert str(out / "report") in printed
     code, printed, err = run(argv, capsys)
     assert code == 0 and "2 already done, 0 to run" in printed
+
+
+def test_demo_sweep_runs_ntksap_as_published_and_robust(tmp_path, capsys) -> None:
+    """The demo's NTK-SAP cells run twice, robust=false and robust=true, as two table rows."""
+    pytest.importorskip("mlxtend")
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--methods", "ntksap", "--sparsities", "0.99",
+            "--seeds", "0", "--epochs", "1"]  # fmt: skip
+    code, printed, err = run(argv, capsys)
+    assert code == 0, err
+    assert "2 runs of 1 epochs" in printed
+    robust = {
+        json.loads((p / "config.json").read_text())["prune"]["options"]["robust"]
+        for p in (out / "runs").iterdir()
+    }
+    assert robust == {False, True}
+    assert "| ntksap robust=false |" in printed and "| ntksap robust=true |" in printed

