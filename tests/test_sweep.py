@@ -617,3 +617,17 @@ def test_a_missing_data_set_is_one_error_before_any_work(tmp_path: Path) -> None
     with pytest.raises(sw.SweepError, match=r"data set 'cifar10' cannot be read: .*no data set"):
         sw.run_sweep(s, tmp_path / "sw", log=quiet)
     assert not (tmp_path / "sw").exists()  # no failed run folders to clean up
+
+
+def test_flag_value_none_is_the_choice_none_where_an_option_has_it(tmp_path, capsys):
+    """--axis init=auto,none / --set ntksap.init=none: "none" is ntksap's init choice, not
+    None (which the option refuses); elsewhere "none" still reads as None."""
+    out = tmp_path / "sw"
+    base = ["sweep", "--dataset", "digits", "--methods", "ntksap", "--sparsities", "0.9",
+            "--out", str(out), "--dry-run"]  # fmt: skip
+    assert main([*base, "--axis", "init=auto,none"]) == 0
+    printed = capsys.readouterr().out
+    assert "initnone" in printed and "initauto" in printed
+    assert main([*base, "--set", "ntksap.init=none"]) == 0
+    assert sw.none_as_choice("num_samples", None, ["ntksap"]) is None  # allow_none: stays None
+    assert sw.none_as_choice("ntksap.init", "none", []) == "none"

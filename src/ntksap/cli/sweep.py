@@ -190,10 +190,12 @@ def spec_from_args(args: argparse.Namespace) -> sw.Sweep:
         spec.seeds = list(args.seeds)
     for text in args.axis:
         key, values = sw.parse_assignment(text, many=True)
+        values = sw.none_as_choice(key, values, spec.methods)
         take(sw.classify_axis(key, spec.methods), f"--axis {key}")
         spec.axes[key] = values
     for text in args.set:
         key, value = sw.parse_assignment(text, many=False)
+        value = sw.none_as_choice(key, value, spec.methods)
         method, dot, rest = key.partition(".")
         if dot and method.lower() in list_methods():
             table = spec.per_method.setdefault(method.lower(), {})

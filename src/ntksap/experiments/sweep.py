@@ -292,6 +292,26 @@ def parse_value(text: str) -> Any:
     return t
 
 
+def none_as_choice(key: str, value: Any, methods: Sequence[str]) -> Any:
+    """`value` with None (a flag's "none") turned back into the string "none" where `key`
+    (or METHOD.key) is a string option of one of `methods` that has "none" among its
+    choices and takes no None, e.g. ntksap's init=none; lists element-wise.
+
+    >>> none_as_choice("init", [None, "auto"], ["ntksap"]), none_as_choice("rounds", None, [])
+    (['none', 'auto'], None)
+    """
+    method, dot, rest = key.partition(".")
+    name, owners = (rest, [method.lower()]) if dot else (key, list(methods))
+    name = name.strip().replace("-", "_")
+    for m in owners:
+        opt = get_method(m).options.get(name) if m in list_methods() else None
+        if opt is not None and not opt.allow_none and "none" in (opt.choices or ()):
+            if isinstance(value, list):
+                return ["none" if v is None else v for v in value]
+            return "none" if value is None else value
+    return value
+
+
 def parse_assignment(text: str, *, many: bool) -> tuple[str, Any]:
     """ "rounds=1,5,20" -> ("rounds", [1, 5, 20]) (many) or "epsilon=0.01" -> ("epsilon", 0.01)."""
     key, sep, values = text.partition("=")
@@ -1301,6 +1321,7 @@ __all__ = [
     "classify",
     "classify_axis",
     "describe",
+    "none_as_choice",
     "parse_assignment",
     "parse_shard",
     "parse_value",
