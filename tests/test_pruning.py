@@ -66,8 +66,8 @@ def test_iterative_rounds_follow_the_schedule(convnet, monkeypatch):
     seen = []
     real_select = select
 
-    def spy(scores, masks, density, scope, generator=None):
-        out = real_select(scores, masks, density, scope, generator)
+    def spy(scores, masks, density, scope, generator=None, floor=0.0):
+        out = real_select(scores, masks, density, scope, generator, floor)
         seen.append((density, sum(int(m.sum()) for m in out.values())))
         return out
 
