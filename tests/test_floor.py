@@ -134,6 +134,17 @@ def test_robust_ntksap_keeps_every_output_unit_where_plain_starves_them():
     assert plain.metadata["options"]["init"] == "reset"
 
 
+def test_robust_defaults_are_100_rounds_of_one_draw_and_given_values_win():
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    kw = dict(density=0.2, input_shape=(1, 4, 4), seed=0)
+    robust = ntksap.prune(net, "ntksap", robust=True, **kw)
+    assert robust.metadata["rounds"] == 100 and robust.metadata["options"]["resamples"] == 1
+    plain = ntksap.prune(net, "ntksap", **kw)
+    assert plain.metadata["rounds"] == 20 and plain.metadata["options"]["resamples"] == 5
+    given = ntksap.prune(net, "ntksap", robust=True, rounds=3, resamples=2, **kw)
+    assert given.metadata["rounds"] == 3 and given.metadata["options"]["resamples"] == 2
+
+
 def test_robust_keeps_an_explicit_init_and_an_explicit_floor():
     kw = dict(density=0.05, input_shape=(1, 8, 8), rounds=2, resamples=1, seed=0, robust=True)
     m = ntksap.prune(_mlp(), "ntksap", init="reset", floor=0.5, **kw)

@@ -39,7 +39,7 @@ def test_every_method_declares_typed_options_with_help():
     expected = {
         "ntksap": {
             "epsilon": (float, 0.01),
-            "resamples": (int, 5),
+            "resamples": (int, None),
             "num_samples": (int, None),
             "batch_size": (int, 256),
             "init": (str, "auto"),
@@ -70,7 +70,7 @@ def test_every_method_declares_typed_options_with_help():
             assert spec.help, f"{name} {o} has no help"
     ntk = ntksap.get_method("ntksap").options
     assert ntk["init"].choices == ("auto", "reset", "kaiming", "none")
-    assert ntk["num_samples"].allow_none and not ntk["resamples"].allow_none
+    assert ntk["num_samples"].allow_none and ntk["resamples"].allow_none  # None: 5, robust 1
     assert ntksap.get_method("synflow").options["precision"].choices == (
         "auto",
         "float32",
@@ -86,8 +86,8 @@ def test_every_method_declares_typed_options_with_help():
         ("ntksap", "epsilon", True, "epsilon must be a positive number, got True"),
         ("ntksap", "epsilon", "0.1", "epsilon must be a positive number, got '0.1'"),
         ("ntksap", "epsilon", None, "epsilon must be a positive number, got None"),
-        ("ntksap", "resamples", 2.0, r"resamples must be an integer >= 1, got 2\.0"),
-        ("ntksap", "resamples", True, "resamples must be an integer >= 1, got True"),
+        ("ntksap", "resamples", 2.0, r"resamples must be an integer >= 1 or None \(auto\), got 2"),
+        ("ntksap", "resamples", True, r"resamples must be .* or None \(auto\), got True"),
         ("ntksap", "num_samples", 0, r"num_samples must be an integer >= 1 or None \(auto\)"),
         ("ntksap", "batch_size", 0, "batch_size must be an integer >= 1, got 0"),
         ("ntksap", "init", "xavier", "init must be one of auto, reset, kaiming, none"),

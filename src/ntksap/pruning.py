@@ -901,7 +901,8 @@ def prune(
             by ntksap with inputs="data" (which reads only the inputs). (Data-free methods
             only read the input shape from it.) Floating batches are cast to the compute
             dtype.
-        rounds: pruning rounds T (default: the method's paper value, e.g. ntksap 20).
+        rounds: pruning rounds T (default: the method's paper value, e.g. ntksap 20; 100 for
+            ntksap with robust=True: `Method.rounds_for`).
         schedule: "exponential" (d_t = d^(t/T)) or "linear".
         scope: "global" (one ranking over all tensors) or "local" (per tensor).
         seed: seeds every random draw, including the draw among exactly tied scores at the
@@ -968,7 +969,7 @@ def prune(
             distributed=distributed, **options,
         )  # fmt: skip
     if rounds is None:
-        rounds = get_method(method).default_rounds
+        rounds = get_method(method).rounds_for(options)  # e.g. ntksap robust=True: 100
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     if schedule not in SCHEDULES:

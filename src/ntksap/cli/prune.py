@@ -99,7 +99,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         shape, classes = model_shape(args)
 
     model = build_model(args.model, classes, shape, args.seed)
-    rounds = args.rounds if args.rounds is not None else meth.default_rounds
+    rounds = args.rounds if args.rounds is not None else meth.rounds_for(options)
     print(
         f"pruning {args.model} ({classes} classes, input {fmt_shape(shape)}) with {meth.name}: "
         f"{'effective ' if args.effective else ''}density {100 * d:.2f}% "

@@ -111,6 +111,19 @@ def set_clean_bn_statistics(ctx: ScoreContext, weights: dict[str, torch.Tensor],
     ctx.forward(weights, z)
 
 
+#: Draws of one round under robust=True when resamples is not given, and its rounds: 100
+#: rounds x 1 draw, the same 100 draws (and compute) as the published 20 rounds x 5.
+ROBUST_RESAMPLES = 1
+ROBUST_ROUNDS = 100
+PUBLISHED_RESAMPLES = 5
+
+
+def robust_rounds(options: dict[str, Any]) -> int:
+    """The default rounds: 100 with robust=True (finer steps near the end at the same number
+    of draws, see `ROBUST_RESAMPLES`), the paper's 20 otherwise."""
+    return ROBUST_ROUNDS if options["robust"] else 20
+
+
 def robust_floor(options: dict[str, Any]) -> float:
     """The selection floor robust NTK-SAP asks `ntksap.prune` for: 1.0 (a balanced share per
     layer, every output unit kept; see `ntksap.pruning.floor_reserve`), 0.0 otherwise."""
@@ -418,7 +431,14 @@ def default_num_samples(ctx: ScoreContext) -> int:
             low=0.0,
             low_open=True,
         ),
-        Option("resamples", 5, int, "independent (theta, z) draws per noise batch", low=1),
+        Option(
+            "resamples",
+            None,
+            int,
+            "independent (theta, z) draws per noise batch; auto: 5 (1 with robust)",
+            allow_none=True,
+            low=1,
+        ),
         Option(
             "num_samples",
             None,
@@ -476,6 +496,7 @@ def default_num_samples(ctx: ScoreContext) -> int:
     summary="NTK spectrum-aware, finite-difference NTK trace (Wang 2023, data-free by default)",
     needs_data_when=reads_data,
     floor_when=robust_floor,
+    rounds_when=robust_rounds,
 )
 def ntksap_scores(ctx: ScoreContext) -> Scores:
     """|dR/dm| at the current mask, zero where already pruned.
@@ -483,7 +504,8 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
     Options:
         epsilon: std of the weight perturbation delta (default 0.01; results are insensitive
             within 1e-3..1e-2, the paper's N(0, 1e-4 I) variance).
-        resamples: R, independent draws of (theta, z) per noise batch. Default 5, the
+        resamples: R, independent draws of (theta, z) per noise batch (None: 5, or 1 under
+            robust=True, whose 100 rounds then make the same 100 draws). Default 5, the
             paper's CIFAR-10 setting: every paper setting scores each round on >= 4 draws
             (CIFAR-100: 1 x 4 batches, Tiny-ImageNet: 1 x 8); a single draw is noisy (on
             mnist5k LeNet-5 at 90 % sparsity: 95.9 % top-1 with R=1, 97.5 % with R=5).
@@ -503,8 +525,10 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
             measured in benchmarks/quality_extreme.md: `ntksap.prune` keeps a balanced floor
             per layer (floor=1.0: no tensor below its share k/L of the round's kept count,
             and every output unit of the last layer keeps its share / units, at least one
-            weight), and theta is the model's own weights, fixed (init "auto" means "none"),
-            so the mask is chosen for the weights it will train with. The plain score
+            weight), theta is the model's own weights, fixed (init "auto" means "none"),
+            so the mask is chosen for the weights it will train with, and the default
+            schedule is 100 rounds of 1 draw each (`rounds` / `resamples` given win), the
+            published 100 draws in finer steps. The plain score
             starves the fully connected layers at 98 %+ (LeNet-5 keeps 23 of fc2's 10,080
             weights at 98 %) and the classifier (ResNet-20: 9 of 640 at 99.5 %).
     """
@@ -512,6 +536,9 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
         # robust: score the weights the network will train from (see `robust` above)
         default = "none" if ctx.options["robust"] else getattr(ctx.model, INIT_ATTRIBUTE, "reset")
         ctx.options["init"] = default
+    if ctx.options["resamples"] is None:
+        robust = ctx.options["robust"]
+        ctx.options["resamples"] = ROBUST_RESAMPLES if robust else PUBLISHED_RESAMPLES
     if ctx.options["num_samples"] is None:
         # resolved once; the loop keeps the options dict across rounds and records it
         ctx.options["num_samples"] = default_num_samples(ctx)
