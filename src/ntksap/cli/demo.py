@@ -4,7 +4,8 @@ By default a small sweep on real data that ships with the package's dependencies
 5,000 MNIST images): LeNet-5 pruned by every method at 95, 98 and 99.3 % sparsity, 3 seeds,
 10 epochs each, then the report (table, CSV, plots) of `ntksap report`. NTK-SAP runs twice:
 as published (robust=false) and with its extreme-sparsity guards (robust=true: a balanced
-per-layer floor, every output unit kept, theta fixed; benchmarks/quality_extreme.md).
+per-layer floor, every output unit kept, theta fixed, 100 rounds of one draw;
+benchmarks/quality_extreme.md).
 Re-running it skips what is done. The settings are flags (--methods, --sparsities, --seeds,
 --epochs, --model).
 
