@@ -9,7 +9,7 @@ effective sparsity and the final top-1. Prints one markdown table, layers as row
     python benchmarks/extreme_layers.py /work/sweeps/extreme-lenet5 \\
         /work/sweeps/extreme-lenet5-robust --sparsity 0.993 --methods ntksap synflow
 
-Issue 19 (benchmarks/quality_extreme.md) quotes its tables.
+benchmarks/quality_extreme.md quotes its tables.
 """
 
 from __future__ import annotations

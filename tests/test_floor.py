@@ -1,7 +1,7 @@
 """The selection floor (`ntksap.prune(floor=...)`) and robust NTK-SAP (`robust=True`).
 
 Checked against brute-force selections written out independently, and on a small network
-where plain NTK-SAP leaves output units with no weight (issue 19)."""
+where plain NTK-SAP leaves output units with no weight."""
 
 from __future__ import annotations
 
