@@ -334,8 +334,8 @@ class Method:
             batches under some options: full options dict -> whether it reads them.
         floor_when: the method's default selection floor (`ntksap.prune`'s `floor`) as a
             function of its full options dict, e.g. NTK-SAP's robust=True -> 1.0; None: 0.
-        rounds_when: the default number of rounds as a function of the options dict (None:
-            always `default_rounds`), e.g. NTK-SAP's robust=True -> 100.
+        rounds_when: the default number of rounds as a function of the options dict, None
+            where they leave it at `default_rounds` (e.g. NTK-SAP: 100 under robust=True).
     """
 
     name: str
@@ -348,7 +348,7 @@ class Method:
     validate: Callable[[dict[str, Any]], None] | None = None
     needs_data_when: Callable[[dict[str, Any]], bool] | None = None
     floor_when: Callable[[dict[str, Any]], float] | None = None
-    rounds_when: Callable[[dict[str, Any]], int] | None = None
+    rounds_when: Callable[[dict[str, Any]], int | None] | None = None
 
     def rounds_for(self, options: Mapping[str, Any] | None = None) -> int:
         """The number of rounds T `ntksap.prune` runs when it is given none: `default_rounds`
@@ -357,9 +357,12 @@ class Method:
         >>> get_method("ntksap").rounds_for(), get_method("ntksap").rounds_for({"robust": True})
         (20, 100)
         """
-        if self.rounds_when is None:
-            return self.default_rounds
-        return int(self.rounds_when({**self.defaults, **(options or {})}))
+        chosen = (
+            None
+            if self.rounds_when is None
+            else self.rounds_when({**self.defaults, **(options or {})})
+        )
+        return self.default_rounds if chosen is None else int(chosen)
 
     def floor_for(self, options: Mapping[str, Any] | None = None) -> float:
         """The selection floor `ntksap.prune` uses when it is given none (see `prune`'s
@@ -429,7 +432,7 @@ def register_method(
     validate: Callable[[dict[str, Any]], None] | None = None,
     needs_data_when: Callable[[dict[str, Any]], bool] | None = None,
     floor_when: Callable[[dict[str, Any]], float] | None = None,
-    rounds_when: Callable[[dict[str, Any]], int] | None = None,
+    rounds_when: Callable[[dict[str, Any]], int | None] | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a scorer under `name`.
 
@@ -442,8 +445,8 @@ def register_method(
             not together with `needs_data=True`.
         floor_when: full options dict -> the method's default selection floor in [0, 1]
             (see `Method.floor_for`).
-        rounds_when: full options dict -> the method's default number of rounds (see
-            `Method.rounds_for`).
+        rounds_when: full options dict -> the method's default number of rounds, or None for
+            `default_rounds` (see `Method.rounds_for`).
     """
     if needs_data and needs_data_when is not None:
         raise TypeError(

@@ -118,10 +118,10 @@ ROBUST_ROUNDS = 100
 PUBLISHED_RESAMPLES = 5
 
 
-def robust_rounds(options: dict[str, Any]) -> int:
+def robust_rounds(options: dict[str, Any]) -> int | None:
     """The default rounds: 100 with robust=True (finer steps near the end at the same number
-    of draws, see `ROBUST_RESAMPLES`), the paper's 20 otherwise."""
-    return ROBUST_ROUNDS if options["robust"] else 20
+    of draws, see `ROBUST_RESAMPLES`); None otherwise (the registered, paper's 20)."""
+    return ROBUST_ROUNDS if options["robust"] else None
 
 
 def robust_floor(options: dict[str, Any]) -> float:
