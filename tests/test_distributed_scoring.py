@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,15 +13,10 @@ import torch
 from torch import nn
 
 import ntksap
+from torchrun import torchrun
 
 HERE = Path(__file__).parent
 WORKER = str(HERE / "dist_prune_worker.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +24,8 @@ def runs(tmp_path_factory) -> dict[str, dict]:
     tmp = tmp_path_factory.mktemp("dist")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
     subprocess.run([sys.executable, WORKER, str(tmp / "one")], check=True, env=env, timeout=600)
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", WORKER, str(tmp / "two")],
-        check=True, env=env, timeout=600,
-    )  # fmt: skip
+    proc = torchrun([WORKER, str(tmp / "two")], env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     load = lambda p: torch.load(p, weights_only=True)  # noqa: E731
     return {
         "one": load(tmp / "one" / "rank0.pt"),

@@ -53,11 +53,11 @@ def test_every_method_declares_typed_options_with_help():
         "synflow": {"precision": (str, "auto")},
         "px": {
             "classifier": (str, None),
-            # None: the variant's own rule (code-2025: "squared", "running")
+            # None: the variant's own rule (code-2024 fixes "binary", "batch")
             "leaky_gate": (str, None),
             "norm_stats": (str, None),
             "precision": (str, "auto"),
-            "variant": (str, "code-2025"),
+            "variant": (str, "code-2024"),
         },
     }
     for name in METHODS:

@@ -134,7 +134,7 @@ def test_mlp_scores_equal_the_hand_computation(masked):
         else {n: torch.ones_like(p, dtype=torch.bool) for n, p in net.named_parameters()}
     )
     masks = {n: m for n, m in masks.items() if n.endswith("weight")}
-    got = ntksap.compute_scores(net, "px", data=data, masks=masks)
+    got = ntksap.compute_scores(net, "px", variant="code-2025", data=data, masks=masks)
     total, leaves = _mlp_hand(net, masks, data)
     want = _scores_from_hand(net, total, leaves, masks)
     _close(got, want)
@@ -167,10 +167,12 @@ def test_leaky_relu_gate_is_the_squared_slope_or_binary():
     net = _mlp(nn.LeakyReLU, negative_slope=0.2)
     data = _batches((4,), 3, 6, n=2, seed=3)
     masks = _random_masks(net, seed=4)
-    got = ntksap.compute_scores(net, "px", data=data, masks=masks)
+    got = ntksap.compute_scores(net, "px", variant="code-2025", data=data, masks=masks)
     total, leaves = _mlp_hand(net, masks, data, gate_off=0.2**2, slope=0.2)
     _close(got, _scores_from_hand(net, total, leaves, masks))
-    binary = ntksap.compute_scores(net, "px", data=data, masks=masks, leaky_gate="binary")
+    binary = ntksap.compute_scores(
+        net, "px", variant="code-2025", data=data, masks=masks, leaky_gate="binary"
+    )
     total, leaves = _mlp_hand(net, masks, data, gate_off=0.0, slope=0.2)
     _close(binary, _scores_from_hand(net, total, leaves, masks))
     assert not torch.allclose(got["0.weight"], binary["0.weight"])  # the gate matters
@@ -257,7 +259,9 @@ def test_convnet_with_batchnorm_equals_the_hand_computation(masked, norm_stats):
     net = _convnet()
     data = _batches((2, 5, 5), 3, 6, n=2, seed=5)
     masks = _random_masks(net, keep=0.7 if masked else 1.0, seed=6)
-    got = ntksap.compute_scores(net, "px", data=data, masks=masks, norm_stats=norm_stats)
+    got = ntksap.compute_scores(
+        net, "px", variant="code-2025", data=data, masks=masks, norm_stats=norm_stats
+    )
     total, leaves = _convnet_hand(net, masks, data, norm_stats)
     _close(got, _scores_from_hand(net, total, leaves, masks))
 
@@ -270,11 +274,13 @@ def test_batch_statistics_blind_spot_before_a_globally_averaged_batchnorm():
     net = pooled_bn_net()
     data = _batches((2, 5, 5), 3, 6, n=1)
     with pytest.warns(PXRoundingWarning, match=r"2 of 3 prunable tensors are float rounding"):
-        batch = ntksap.compute_scores(net, "px", data=data, norm_stats="batch")
+        batch = ntksap.compute_scores(net, "px", variant="code-2025", data=data, norm_stats="batch")
     with warnings.catch_warnings():
         warnings.simplefilter("error", PXRoundingWarning)  # no false alarm here...
-        running = ntksap.compute_scores(net, "px", data=data)  # the default
-        ntksap.compute_scores(_convnet(), "px", data=data, norm_stats="batch")  # real signal
+        running = ntksap.compute_scores(net, "px", variant="code-2025", data=data)  # its default
+        ntksap.compute_scores(
+            _convnet(), "px", variant="code-2025", data=data, norm_stats="batch"
+        )  # real signal
     fc = float(batch["8.weight"].max())
     assert fc > 1e-3
     for conv in ("0.weight", "3.weight"):
@@ -302,17 +308,17 @@ def test_the_classifier_is_found_by_structure_not_order_or_name():
     torch.manual_seed(0)
     net = Net().double()
     data = _batches((4,), 3, 6, n=1)
-    masks = ntksap.prune(net, "px", density=0.5, data=data, rounds=2)
+    masks = ntksap.prune(net, "px", variant="code-2025", density=0.5, data=data, rounds=2)
     assert masks.metadata["options"]["classifier"] == "fc"
-    auto = ntksap.compute_scores(net, "px", data=data)
+    auto = ntksap.compute_scores(net, "px", variant="code-2025", data=data)
     assert float(auto["side.weight"].abs().max()) == 0  # it does not reach the logits
     for name in ("fc", "fc.weight"):
-        got = ntksap.compute_scores(net, "px", data=data, classifier=name)
+        got = ntksap.compute_scores(net, "px", variant="code-2025", data=data, classifier=name)
         _close(got, auto, zero=("side.weight",))
-    other = ntksap.compute_scores(net, "px", data=data, classifier="body")
+    other = ntksap.compute_scores(net, "px", variant="code-2025", data=data, classifier="body")
     assert not torch.allclose(other["fc.weight"], auto["fc.weight"])  # the choice matters
     with pytest.raises(ValueError, match=r"classifier must name a module.*'head'.*fc"):
-        ntksap.compute_scores(net, "px", data=data, classifier="head")
+        ntksap.compute_scores(net, "px", variant="code-2025", data=data, classifier="head")
 
 
 # ---------------------------------------------------------------------------------------
@@ -351,8 +357,8 @@ def test_functional_relu_is_handled_like_relu_modules(style):
          for k, v in ref.state_dict().items()}
     )  # fmt: skip
     data = _batches((4,), 3, 6, n=2)
-    want = ntksap.compute_scores(ref, "px", data=data)
-    got = ntksap.compute_scores(net, "px", data=data)
+    want = ntksap.compute_scores(ref, "px", variant="code-2025", data=data)
+    got = ntksap.compute_scores(net, "px", variant="code-2025", data=data)
     _close({k.replace("l1.", "0.").replace("l2.", "2.").replace("l3.", "4."): v
             for k, v in got.items()}, want)  # fmt: skip
 
@@ -360,12 +366,12 @@ def test_functional_relu_is_handled_like_relu_modules(style):
 def test_inplace_relu_modules_and_dropout_change_nothing():
     ref = _mlp()
     data = _batches((4,), 3, 6, n=2)
-    want = ntksap.compute_scores(ref, "px", data=data)
+    want = ntksap.compute_scores(ref, "px", variant="code-2025", data=data)
     inplace = copy.deepcopy(ref)
     inplace[1].inplace = inplace[3].inplace = True
-    _close(ntksap.compute_scores(inplace, "px", data=data), want)
+    _close(ntksap.compute_scores(inplace, "px", variant="code-2025", data=data), want)
     with_dropout = nn.Sequential(*ref[:2], nn.Dropout(0.5), *ref[2:4], nn.Dropout(0.5), ref[4])
-    got = ntksap.compute_scores(with_dropout, "px", data=data)
+    got = ntksap.compute_scores(with_dropout, "px", variant="code-2025", data=data)
     _close({n.replace("3.", "2.").replace("6.", "4."): s for n, s in got.items()}, want)
 
 
@@ -377,7 +383,7 @@ def test_other_activation_modules_are_a_clear_error(act, name):
     net = nn.Sequential(nn.Linear(4, 5), act, nn.Linear(5, 3))
     with pytest.raises(ValueError, match=rf"ReLU/LeakyReLU networks only.*{name} at '1'.*"
                        r"Valid activations: ReLU, LeakyReLU"):  # fmt: skip
-        ntksap.prune(net, "px", density=0.5, data=_batches((4,), 3, 6, 1))
+        ntksap.prune(net, "px", variant="code-2025", density=0.5, data=_batches((4,), 3, 6, 1))
 
 
 @pytest.mark.parametrize("fn", [F.gelu, F.silu, torch.tanh, torch.sigmoid])
@@ -397,7 +403,7 @@ def test_other_functional_activations_are_a_clear_error_before_any_score(fn, mon
     )
     with pytest.raises(ValueError, match=rf"the torch function {fn.__name__} \(called in the "
                        r"model's forward\).*Valid activations: ReLU, LeakyReLU"):  # fmt: skip
-        ntksap.compute_scores(Net(), "px", data=_batches((4,), 3, 6, 1))
+        ntksap.compute_scores(Net(), "px", variant="code-2025", data=_batches((4,), 3, 6, 1))
     assert not seen
 
 
@@ -418,8 +424,10 @@ def test_activations_that_differ_between_train_and_eval_mode_cannot_be_aligned()
 
     data = _batches((4,), 3, 6, 1)
     with pytest.raises(ValueError, match=r"cannot align the activation patterns.*train mode"):
-        ntksap.prune(Branchy(), "px", density=0.5, data=data, norm_stats="batch")
-    masks = ntksap.prune(Branchy(), "px", density=0.5, data=data, rounds=2)
+        ntksap.prune(
+            Branchy(), "px", variant="code-2025", density=0.5, data=data, norm_stats="batch"
+        )
+    masks = ntksap.prune(Branchy(), "px", variant="code-2025", density=0.5, data=data, rounds=2)
     assert masks.num_kept == round(0.5 * masks.num_total)
 
 
@@ -427,7 +435,7 @@ def test_integer_inputs_are_refused():
     net = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
     data = [(torch.randint(0, 10, (6, 2)), torch.arange(6) % 3)]
     with pytest.raises(ValueError, match="floating point"):
-        ntksap.prune(net, "px", density=0.5, data=data)
+        ntksap.prune(net, "px", variant="code-2025", density=0.5, data=data)
 
 
 def test_pruning_leaves_the_model_untouched():
@@ -437,7 +445,9 @@ def test_pruning_leaves_the_model_untouched():
     net.train()
     before = copy.deepcopy(net.state_dict())
     modes = [m.training for m in net.modules()]
-    ntksap.prune(net, "px", sparsity=0.9, data=_batches((2, 5, 5), 3, 6, 2), rounds=3)
+    ntksap.prune(
+        net, "px", variant="code-2025", sparsity=0.9, data=_batches((2, 5, 5), 3, 6, 2), rounds=3
+    )
     after = net.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert modes == [m.training for m in net.modules()]
@@ -458,7 +468,7 @@ def test_pruning_leaves_the_model_untouched():
 def test_zoo_models(model, shape, classifier):
     net = models.create(model, num_classes=10, in_channels=shape[0])
     data = [(torch.randn(4, *shape), torch.arange(4))]  # few images: VGG-16 is 15M weights
-    masks = ntksap.prune(net, "px", sparsity=0.9, data=data, rounds=2)
+    masks = ntksap.prune(net, "px", variant="code-2025", sparsity=0.9, data=data, rounds=2)
     assert masks.num_kept == round(0.1 * masks.num_total)
     assert masks.metadata["options"]["classifier"] == classifier
     assert masks.metadata["rounds"] == 2 and masks.metadata["method"] == "px"
@@ -469,7 +479,7 @@ def test_registered_with_the_paper_defaults():
     assert "px" in ntksap.list_methods()
     assert meth.needs_data and meth.default_rounds == 100
     assert meth.defaults == {
-        "variant": "code-2025", "classifier": None, "leaky_gate": None, "norm_stats": None,
+        "variant": "code-2024", "classifier": None, "leaky_gate": None, "norm_stats": None,
         "precision": "auto",
     }  # fmt: skip
     assert meth.options["variant"].choices == ("code-2025", "paper", "code-2024")
@@ -482,10 +492,19 @@ def test_cli_lists_and_prunes_with_px(tmp_path, capsys):
     out = tmp_path / "px.safetensors"
     argv = ["prune", "--model", "lenet5", "--input-shape", "1,28,28", "--method", "px",
             "--sparsity", "0.9", "--rounds", "2", "--dataset", "synthetic", "--out", str(out),
-            "--no-progress"]  # fmt: skip
+            "--no-progress", "--variant", "code-2025"]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
     masks = ntksap.Masks.load(out)
     assert masks.metadata["method"] == "px" and masks.metadata["options"]["classifier"] == "fc3"
+    assert masks.metadata["options"]["variant"] == "code-2025"
+    out.unlink()
+    assert main(argv[:-2]) == 0, capsys.readouterr().err  # the default rule: code-2024
+    options = ntksap.Masks.load(out).metadata["options"]
+    assert (options["variant"], options["norm_stats"], options["classifier"]) == (
+        "code-2024",
+        "batch",
+        None,
+    )
 
 
 def test_cli_run_sweep_and_spectrum_take_px(tmp_path, capsys):
@@ -521,8 +540,8 @@ def test_a_jvf_beyond_float32_is_computed_wide_and_scaled_by_a_power_of_two():
         layers += [nn.Linear(48, 48), nn.ReLU()]
     net = nn.Sequential(*layers, nn.Linear(48, 3)).float()
     data = [(x.float(), y) for x, y in _batches((4, 4), 3, 12, n=2)]
-    s32 = ntksap.compute_scores(net, "px", data=data)
-    s64 = ntksap.compute_scores(net, "px", data=data, precision="float64")
+    s32 = ntksap.compute_scores(net, "px", variant="code-2025", data=data)
+    s64 = ntksap.compute_scores(net, "px", variant="code-2025", data=data, precision="float64")
     total32 = sum(float(s.double().sum()) for s in s32.values())
     total64 = sum(float(s.sum()) for s in s64.values())
     assert total64 > 2.0**100  # the unscaled scores: out of float32's usable range
@@ -531,7 +550,9 @@ def test_a_jvf_beyond_float32_is_computed_wide_and_scaled_by_a_power_of_two():
     for n in s32:
         assert s32[n].dtype == torch.float32
         assert torch.allclose(s32[n].double() * ratio, s64[n], rtol=1e-4, atol=0), n
-    m32 = ntksap.prune(net, "px", data=data, density=0.1, rounds=3)
-    m64 = ntksap.prune(net, "px", data=data, density=0.1, rounds=3, precision="float64")
+    m32 = ntksap.prune(net, "px", variant="code-2025", data=data, density=0.1, rounds=3)
+    m64 = ntksap.prune(
+        net, "px", variant="code-2025", data=data, density=0.1, rounds=3, precision="float64"
+    )
     assert m32 == m64
     assert m32.metadata["options"]["precision"] == "auto"  # stayed float32 (with a wide jvf)

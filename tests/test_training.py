@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +16,7 @@ import ntksap
 from ntksap import data, models
 from ntksap.cli import main as cli
 from ntksap.training import PRESETS, TrainConfig, fit, load_checkpoint, preset
+from torchrun import torchrun
 
 HERE = Path(__file__).parent
 
@@ -206,23 +207,14 @@ def test_cli_train_with_a_mask_file_and_resume(tmp_path, capsys):
 
 
 # --- 5. DDP on CPU ---
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_ranks_match_one_process_with_the_doubled_batch(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
     worker = str(HERE / "ddp_worker.py")
     subprocess.run(
         [sys.executable, worker, str(tmp_path / "one")], check=True, env=env, timeout=300
     )
-    subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", worker, str(tmp_path / "two")],
-        check=True, env=env, timeout=300,
-    )  # fmt: skip
+    proc = torchrun([worker, str(tmp_path / "two")], env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "rank0.pt", weights_only=True)
     r0 = torch.load(tmp_path / "two" / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "two" / "rank1.pt", weights_only=True)
@@ -238,13 +230,11 @@ def test_ddp_two_ranks_match_one_process_with_the_doubled_batch(tmp_path):
 def test_torchrun_ntksap_run_writes_once_from_rank_zero(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE.parent / "src")}
     out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-         "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "ntksap", "run",
-         "--dataset", "digits", "--model", "lenet5", "--method", "ntksap", "--sparsity", "0.9",
-         "--rounds", "2", "--num-samples", "20", "--epochs", "2", "--batch-size", "64",
-         "--out", str(out), "--no-progress"],
-        env=env, capture_output=True, text=True, timeout=300,
+    proc = torchrun(
+        ["-m", "ntksap", "run", "--dataset", "digits", "--model", "lenet5", "--method", "ntksap",
+         "--sparsity", "0.9", "--rounds", "2", "--num-samples", "20", "--epochs", "2",
+         "--batch-size", "64", "--out", str(out), "--no-progress"],
+        env=env, reset=lambda: shutil.rmtree(out, ignore_errors=True),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]

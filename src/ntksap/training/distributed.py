@@ -65,7 +65,10 @@ def setup(device: str | None = None) -> DistEnv:
 
 
 def cleanup() -> None:
+    """Leave the process group; every rank first waits for the others (a barrier), so no
+    rank tears its connections down while a peer still uses them."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
