@@ -405,7 +405,28 @@ def test_empty_and_unreadable(tmp_path: Path) -> None:
     (torn / "config.json").write_text("{not json")
     table = build_table(records_in(tmp_path))
     assert [r.folder.name for r in table.skipped] == ["torn"]
-    assert "config.json unreadable" in to_markdown(table)
+    assert "config.json missing or unreadable" in to_markdown(table)
+
+
+def test_a_sweep_run_folder_without_config_is_listed_not_dropped(tmp_path: Path) -> None:
+    """A folder under a sweep's runs/ whose config.json is gone (a run whose process died
+    before writing it, or a file deleted by hand) is a run of the sweep: the report lists
+    it; a folder of the same shape outside any sweep is not a run."""
+    sweep = tmp_path / "sweep"
+    fake_run(sweep / "runs" / "ok", top1=10.0)
+    (sweep / "sweep.json").write_text("{}")
+    (sweep / "runs" / "lost-seed0-0123abcd").mkdir()
+    (sweep / "runs" / "lost-seed0-0123abcd" / "metrics.jsonl").write_text("")
+    (tmp_path / "elsewhere" / "empty").mkdir(parents=True)  # no sweep.json above it
+    for given in (tmp_path, sweep):
+        folders = find_run_folders([given])
+        assert [f.name for f in folders] == ["lost-seed0-0123abcd", "ok"], given
+    table = build_table(records_in(sweep))
+    assert [r.folder.name for r in table.skipped] == ["lost-seed0-0123abcd"]
+    md = to_markdown(table)
+    assert "Left out (1, config.json missing or unreadable)" in md
+    assert "lost-seed0-0123abcd (no config.json)" in md
+    assert "(n=1)" in md  # the finished run is still reported
 
 
 # ---------------------------------------------------------------------------------------

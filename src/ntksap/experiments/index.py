@@ -39,6 +39,7 @@ from typing import Any, TypeVar
 from ntksap.experiments.records import (
     NOT_HASHED,
     RUNS_DIR,
+    SWEEP_FILE,
     Record,
     config_hash,
     find_run_folders,
@@ -49,7 +50,6 @@ from ntksap.files import read_json
 from ntksap.runs import CONFIG_FILE, IDENTITY_FILE, METRICS_FILE, RESULT_FILE
 
 INDEX_FILE = "index.sqlite"
-SWEEP_FILE = "sweep.json"
 SCHEMA_VERSION = 1
 #: Seconds to wait for another connection's lock before giving up on the index for now.
 BUSY_TIMEOUT_S = 10.0

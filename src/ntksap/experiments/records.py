@@ -36,6 +36,8 @@ from ntksap.runs import CONFIG_FILE, IDENTITY_FILE, MASK_FILE, RESULT_FILE, stat
 NOT_HASHED = ("versions", "world_size", "data_dir")
 #: The folder of a sweep that holds its run folders.
 RUNS_DIR = "runs"
+#: A sweep folder is marked by this file (its settings), beside runs/.
+SWEEP_FILE = "sweep.json"
 #: A sweep's run folder name: "<label>-seed<N>-<hex prefix of config_hash>".
 _SWEEP_NAME = re.compile(r"-seed\d+-([0-9a-f]{8,64})$")
 
@@ -287,10 +289,13 @@ def read_record(folder: str | os.PathLike[str]) -> Record:
 
 
 def find_run_folders(dirs: Iterable[str | os.PathLike[str]]) -> list[Path]:
-    """Every run folder (a folder with config.json) in or under `dirs`, sorted, once each.
+    """Every run folder in or under `dirs`, sorted, once each: a folder with config.json,
+    and every folder directly under a sweep's `runs/`, config.json or not (a run whose
+    config.json is missing is then reported as unreadable, never silently left out).
 
-    A directory may be a run folder itself, a sweep folder (runs under `runs/`), or any
-    folder holding either. A path that does not exist is an error (FileNotFoundError).
+    A directory may be a run folder itself, a sweep folder (runs under `runs/`, with
+    sweep.json beside), or any folder holding either. A path that does not exist is an
+    error (FileNotFoundError).
     """
     found: set[Path] = set()
     for d in dirs:
@@ -302,6 +307,12 @@ def find_run_folders(dirs: Iterable[str | os.PathLike[str]]) -> list[Path]:
             continue
         for cfg in d.rglob(CONFIG_FILE):
             found.add(cfg.parent.resolve())
+        sweeps = [d] if (d / SWEEP_FILE).is_file() else []
+        sweeps += [f.parent for f in d.rglob(SWEEP_FILE)]
+        for sweep in sweeps:
+            runs_dir = sweep / RUNS_DIR
+            if runs_dir.is_dir():
+                found.update(p.resolve() for p in runs_dir.iterdir() if p.is_dir())
     return sorted(found)
 
 
@@ -309,6 +320,7 @@ __all__ = [
     "NOT_GROUPING",
     "NOT_HASHED",
     "RUNS_DIR",
+    "SWEEP_FILE",
     "Record",
     "canonical",
     "config_hash",

@@ -61,6 +61,7 @@ from typing import Any
 from ntksap.experiments.paper import PAPER_SOURCE, PaperResult, match_paper, paper_rows_for
 from ntksap.experiments.records import Record
 from ntksap.files import atomic_write, write_text
+from ntksap.runs import CONFIG_FILE
 
 #: Densities are rounded to this many decimals to decide which column a run belongs to.
 SPARSITY_DECIMALS = 4
@@ -363,12 +364,12 @@ def build_table(records: Iterable[Record], *, paper: bool = False) -> Table:
     records = list(records)
     if not records:
         raise ValueError("no run records to report on (no run folders found?)")
-    # A torn config.json reads as {}: such a run has no settings to group by.
+    # A torn or missing config.json reads as {}: such a run has no settings to group by.
     skipped = [r for r in records if not r.config]
     records = [r for r in records if r.config]
     if not records:
         raise ValueError(
-            "no run folder with a readable config.json: "
+            "no run folder with a readable config.json (missing or torn): "
             + ", ".join(str(r.folder) for r in skipped[:5])
         )
 
@@ -659,8 +660,10 @@ def to_markdown(table: Table) -> str:
                 f"{pct(sparsity)} | {rec.seed} | {status} | {_md_escape(error)} |"
             )
     if table.skipped:
-        lines += ["", f"Left out ({len(table.skipped)}, config.json unreadable):"]
-        lines += [f"- {r.folder} ({r.status})" for r in table.skipped]
+        lines += ["", f"Left out ({len(table.skipped)}, config.json missing or unreadable):"]
+        for r in table.skipped:
+            why = r.status if (r.folder / CONFIG_FILE).exists() else "no config.json"
+            lines.append(f"- {r.folder} ({why})")
     return "\n".join(lines) + "\n"
 
 
