@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 import ntksap
-from ntksap.pruning import LayerCollapseWarning, floor_reserve, kept_count, select
-from ntksap.scoring.ntksap import rank_within
+from ntksap.pruning import LayerCollapseWarning, floor_reserve, kept_count, select, starved_layers
 
 
 def test_floor_reserve_hand_worked():
@@ -125,102 +124,74 @@ def test_robust_ntksap_keeps_every_output_unit_where_plain_starves_them():
         robust = ntksap.prune(_mlp(), "ntksap", robust=True, **kw)
     head = "5.weight"
     assert int((~plain[head].any(1)).sum()) >= 1, "plain NTK-SAP should starve an output unit"
+    assert head in starved_layers(plain)
     assert bool(robust[head].any(1).all())
     k = kept_count(0.01, 64 * 64 * 2 + 640)
     assert robust.num_kept == plain.num_kept == k
     share = k // 3  # every layer at least its balanced share
     assert all(int(m.sum()) >= share for m in robust.values())
+    # the published pass starved the head, so the guarded pass made the mask
+    guard = robust.metadata["guard"]
+    assert guard["guarded"] and guard["starved"] == starved_layers(plain)
     assert robust.metadata["floor"] == 1.0 and plain.metadata["floor"] == 0.0
-    # counts from the published (re-drawn theta) score, order inside a tensor from theta
-    assert robust.metadata["options"]["within"] == "theta"
-    assert robust.metadata["options"]["init"] == plain.metadata["options"]["init"] == "reset"
-    assert plain.metadata["options"]["within"] == "score"
+    assert robust.metadata["options"]["init"] == "none"  # theta fixed at the model's weights
+    assert robust.metadata["options"]["robust"] is True
+    assert plain.metadata["options"]["init"] == "reset" and "guard" not in plain.metadata
 
 
-def test_rank_within_keeps_the_counts_of_one_score_and_the_order_of_the_other():
-    """A global top-k over rank_within's scores keeps, per tensor, as many weights as a
-    global top-k over `counts_by` and, inside the tensor, the best by `order_by`."""
-    g = torch.Generator().manual_seed(3)
-    shapes = {"a": (7, 5), "b": (4, 9), "c": (10,)}
-    a = {n: torch.rand(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
-    b = {n: torch.rand(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
-    m = {n: torch.rand(s, generator=g) < 0.8 for n, s in shapes.items()}
-    for n in shapes:  # pruned entries score 0, as every scorer returns them
-        a[n] *= m[n]
-        b[n] *= m[n]
-    got = {n: rank_within(a[n], b[n], m[n]) for n in shapes}
-    live = sum(int(v.sum()) for v in m.values())
-    for k in range(1, live + 1):
-        by_a = torch.cat([v[m[n]] for n, v in a.items()]).sort(descending=True).values[k - 1]
-        by_got = torch.cat([v[m[n]] for n, v in got.items()]).sort(descending=True).values[k - 1]
-        for n in shapes:
-            count = int((a[n][m[n]] >= by_a).sum())
-            assert int((got[n][m[n]] >= by_got).sum()) == count, (k, n)
-            if count:  # inside the tensor: the `count` best by b
-                best_b = b[n][m[n]].sort(descending=True).values[count - 1]
-                kept = (got[n] >= by_got) & m[n]
-                assert bool((b[n][kept] >= best_b).all()), (k, n)
-        assert all(bool((got[n][~m[n]] == 0).all()) for n in shapes)
+def test_robust_keeps_the_published_mask_where_it_starves_no_layer():
+    """At 50 % no layer of the MLP is starved: robust NTK-SAP returns the published mask,
+    draw for draw (same seed, 20 rounds x 5 draws), and says no guarded pass ran."""
+    kw = dict(density=0.5, input_shape=(1, 8, 8), seed=4)
+    plain = ntksap.prune(_mlp(), "ntksap", rounds=3, **kw)
+    robust = ntksap.prune(_mlp(), "ntksap", robust=True, rounds=3, **kw)
+    assert starved_layers(plain) == []
+    assert all(torch.equal(robust[n], plain[n]) for n in plain)
+    assert robust.metadata["guard"] == {"starved": [], "guarded": False}
+    assert robust.metadata["options"] == {**plain.metadata["options"], "robust": True}
+    assert robust.metadata["floor"] == 0.0 and robust.metadata["rounds"] == 3
 
 
-def test_within_theta_counts_by_the_redrawn_score_and_orders_by_the_fixed_one(monkeypatch):
-    """One round with stand-in gradients: A for re-drawn theta (the published score),
-    B for theta fixed (init="none"). The mask must keep, per tensor, the count a global
-    top-k of |A| gives and, inside it, the best by |B|; with within="score", |A| alone."""
-    import ntksap.scoring.ntksap as mod
-
-    net = _mlp()
-    names = [n for n, p in net.named_parameters() if p.dim() > 1]
-    g = torch.Generator().manual_seed(7)
-    shapes = {n: p.shape for n, p in net.named_parameters() if n in names}
-    fake = {
-        which: {n: torch.randn(s, generator=g, dtype=torch.float64) for n, s in shapes.items()}
-        for which in ("A", "B")
-    }
-    calls: list[str | None] = []
-
-    def stand_in(ctx, init=None):
-        calls.append(init)
-        return {n: v.clone() for n, v in fake["B" if init == "none" else "A"].items()}
-
-    monkeypatch.setattr(mod, "ntksap_round_gradients", stand_in)
-    k = kept_count(0.1, sum(math.prod(s) for s in shapes.values()))
-    kw = dict(density=0.1, input_shape=(1, 8, 8), rounds=1, resamples=1, seed=0)
-    got = ntksap.prune(net, "ntksap", within="theta", **kw)
-    assert calls == ["none", None]  # theta fixed first, while the copy holds the weights
-    threshold = torch.cat([v.abs().flatten() for v in fake["A"].values()]).topk(k).values[-1]
-    for n in names:
-        count = int((fake["A"][n].abs() >= threshold).sum())
-        assert int(got[n].sum()) == count, n
-        best = fake["B"][n].abs().flatten().topk(count).indices
-        want = torch.zeros(shapes[n].numel(), dtype=torch.bool)
-        want[best] = True
-        assert torch.equal(got[n].flatten(), want), n
-    plain = ntksap.prune(net, "ntksap", within="score", **kw)
-    for n in names:
-        assert torch.equal(plain[n], fake["A"][n].abs() >= threshold), n
-
-
-def test_robust_defaults_are_100_rounds_of_one_draw_and_given_values_win():
+def test_robust_defaults_and_given_values_win():
+    """The published pass runs the paper's 20 x 5, the guarded one 100 x 5 with floor 1 and
+    theta fixed; given rounds / resamples / init / floor win in both."""
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
-    kw = dict(density=0.2, input_shape=(1, 4, 4), seed=0)
-    robust = ntksap.prune(net, "ntksap", robust=True, **kw)
-    assert robust.metadata["rounds"] == 100 and robust.metadata["options"]["resamples"] == 1
-    plain = ntksap.prune(net, "ntksap", **kw)
-    assert plain.metadata["rounds"] == 20 and plain.metadata["options"]["resamples"] == 5
-    given = ntksap.prune(net, "ntksap", robust=True, rounds=3, resamples=2, **kw)
-    assert given.metadata["rounds"] == 3 and given.metadata["options"]["resamples"] == 2
+    kw = dict(input_shape=(1, 4, 4), seed=0)
+    kept = ntksap.prune(net, "ntksap", robust=True, density=0.5, **kw)
+    assert not kept.metadata["guard"]["guarded"]
+    assert kept.metadata["rounds"] == 20 and kept.metadata["options"]["resamples"] == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        redone = ntksap.prune(net, "ntksap", robust=True, density=0.02, **kw)
+    assert redone.metadata["guard"]["guarded"]
+    assert redone.metadata["rounds"] == 100 and redone.metadata["options"]["resamples"] == 5
+    assert redone.metadata["floor"] == 1.0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerCollapseWarning)
+        given = ntksap.prune(
+            net, "ntksap", robust=True, density=0.02, rounds=3, resamples=2, init="reset",
+            floor=0.5, **kw,
+        )  # fmt: skip
+    assert given.metadata["guard"]["guarded"] and given.metadata["rounds"] == 3
+    assert given.metadata["options"]["resamples"] == 2
+    assert given.metadata["options"]["init"] == "reset" and given.metadata["floor"] == 0.5
 
 
-def test_robust_keeps_an_explicit_init_and_an_explicit_floor():
-    kw = dict(density=0.05, input_shape=(1, 8, 8), rounds=2, resamples=1, seed=0, robust=True)
-    m = ntksap.prune(_mlp(), "ntksap", init="kaiming", within="score", floor=0.5, **kw)
-    assert m.metadata["options"]["init"] == "kaiming" and m.metadata["floor"] == 0.5
-    assert m.metadata["options"]["within"] == "score"
-    # a floor on any method, and none under scope="local" by default
-    assert ntksap.prune(_mlp(), "magnitude", density=0.05, floor=1.0).metadata["floor"] == 1.0
-    local = ntksap.prune(_mlp(), "ntksap", scope="local", **kw)
-    assert local.metadata["floor"] == 0.0
+def test_starved_layers_by_hand():
+    t, f = True, False
+    ok = {"a": torch.tensor([[t, f, f], [f, t, f]]), "out": torch.tensor([[t, f], [f, t]])}
+    assert starved_layers(ok) == []
+    few = {**ok, "a": torch.tensor([[t, f, f], [f, f, f]])}
+    assert starved_layers(few) == ["a"]  # 1 weight for 2 units
+    dead_class = {**ok, "out": torch.tensor([[t, t], [f, f]])}  # 2 weights, 2 units, one none
+    assert starved_layers(dead_class) == ["out"]
+    conv = {"c": torch.zeros(4, 2, 3, 3, dtype=torch.bool), "out": torch.ones(2, 4).bool()}
+    conv["c"][:, 0, 0, :3] = True  # 12 weights for 4 output channels
+    assert starved_layers(conv) == []
+    conv["c"][:, 0, 0, :] = False
+    conv["c"][0, 0, 0, :3] = True  # 3 weights for 4 channels
+    assert starved_layers(conv) == ["c"]
+    assert starved_layers({"bias": torch.zeros(3, dtype=torch.bool)}) == []  # 1-d: no rows
 
 
 def test_floor_reaches_a_run_config(tmp_path):

@@ -46,7 +46,6 @@ def test_every_method_declares_typed_options_with_help():
             "inputs": (str, "noise"),
             "bn_pass": (str, "fused"),
             "memory_format": (str, "auto"),
-            "within": (str, None),
             "robust": (bool, False),
             "precision": (str, "float32"),
         },

@@ -223,6 +223,27 @@ def floor_reserve(
     return {n: out[n] for n in names}
 
 
+def starved_layers(masks: Mapping[str, torch.Tensor]) -> list[str]:
+    """The tensors of `masks` (2-d or more) that keep fewer weights than they have output
+    units (rows; output channels of a conv), so that some unit has no input weight, and the
+    last tensor (the output layer) when one of its units keeps none (a class predicted from
+    its bias alone): a starved mask, which robust NTK-SAP prunes again with its guards.
+
+    >>> starved_layers({"a": torch.ones(4, 3, dtype=torch.bool),
+    ...                 "b": torch.tensor([[True, False], [False, False]])})
+    ['b']
+    >>> starved_layers({"a": torch.eye(3, dtype=torch.bool)[:2], "b": torch.ones(2, 1).bool()})
+    []
+    """
+    names = [n for n, m in masks.items() if m.dim() >= 2]
+    out = [n for n in names if int(masks[n].sum()) < masks[n].shape[0]]
+    if names and names[-1] not in out:
+        head = masks[names[-1]]
+        if not bool(head.reshape(head.shape[0], -1).any(1).all()):
+            out.append(names[-1])
+    return out
+
+
 def select(
     scores: Mapping[str, torch.Tensor],
     masks: Mapping[str, torch.Tensor],
@@ -879,6 +900,7 @@ def prune(
     effective: bool = False,
     effective_tolerance: float = 0.01,
     floor: float | None = None,
+    _guard: bool = True,
     **options: Any,
 ) -> Masks:
     """Compute pruning masks for `model` at initialisation. The model is left untouched.
@@ -968,8 +990,35 @@ def prune(
             shuffle=shuffle, device=device, progress=progress, output_fn=output_fn,
             distributed=distributed, **options,
         )  # fmt: skip
+    meth = get_method(method)
+    first_pass = meth.unguarded_for(meth.resolve_options(options)) if _guard else None
+    if first_pass is not None:  # e.g. ntksap robust=True: as published, guarded if starved
+        if data is not None:
+            data = list(data)  # both passes read the batches
+        call = dict(
+            model=model, method=method, density=d, input_shape=input_shape, data=data,
+            rounds=rounds, schedule=schedule, scope=scope, seed=seed,
+            include_bias=include_bias, exclude=exclude, include=include, invert=invert,
+            shuffle=shuffle, device=device, progress=progress, output_fn=output_fn,
+            distributed=distributed, floor=floor, _guard=False,
+        )  # fmt: skip
+        with warnings.catch_warnings():  # a starved first pass is redone, not reported
+            warnings.simplefilter("ignore", LayerCollapseWarning)
+            first = prune(**call, **first_pass)
+        starved = starved_layers(first)
+        if not starved:
+            options_used = {**first.metadata["options"], **{k: options[k] for k in options}}
+            guard = {"starved": [], "guarded": False}
+            return Masks(dict(first), {**first.metadata, "options": options_used, "guard": guard})
+        second = prune(**call, **options)
+        guard = {
+            "starved": starved,
+            "guarded": True,
+            "first_pass_seconds": first.metadata["seconds"],
+        }
+        return Masks(dict(second), {**second.metadata, "guard": guard})
     if rounds is None:
-        rounds = get_method(method).rounds_for(options)  # e.g. ntksap robust=True: 100
+        rounds = meth.rounds_for(options)  # e.g. ntksap robust=True: 100
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be an integer >= 1, got {rounds!r}")
     if schedule not in SCHEDULES:

@@ -100,10 +100,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
     model = build_model(args.model, classes, shape, args.seed)
     rounds = args.rounds if args.rounds is not None else meth.rounds_for(options)
+    first = meth.unguarded_for(meth.resolve_options(options))
+    if first is not None:  # robust NTK-SAP: as published, again with guards if starved
+        plain = args.rounds if args.rounds is not None else meth.rounds_for(first)
+        rounds_text = f"{plain} round(s) ({rounds} with guards if that mask starves a layer)"
+    else:
+        rounds_text = f"{rounds} round(s)"
     print(
         f"pruning {args.model} ({classes} classes, input {fmt_shape(shape)}) with {meth.name}: "
         f"{'effective ' if args.effective else ''}density {100 * d:.2f}% "
-        f"(sparsity {100 * (1 - d):.2f}%), {rounds} round(s), "
+        f"(sparsity {100 * (1 - d):.2f}%), {rounds_text}, "
         f"{args.scope} {args.schedule}"
         + (f", data: {args.dataset}" if batches is not None else ""),
         flush=True,
@@ -115,6 +121,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
         **effective_kwargs,
     )  # fmt: skip
     seconds = time.perf_counter() - started
+    guard = masks.metadata.get("guard")
+    if guard:
+        print(
+            "the published mask starved "
+            + ", ".join(guard["starved"])
+            + f": pruned again with the guards ({masks.metadata['rounds']} rounds, floor "
+            f"{masks.metadata['floor']:g}, theta fixed)"
+            if guard["guarded"]
+            else "the published mask starves no layer: kept as is (no guarded pass)"
+        )
     masks = Masks(masks, {**masks.metadata, "dataset": args.dataset if batches else None})
     stats, totals = layer_table(model, masks, shape)
     print(format_table(stats, totals))

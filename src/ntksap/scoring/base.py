@@ -334,6 +334,10 @@ class Method:
             batches under some options: full options dict -> whether it reads them.
         floor_when: the method's default selection floor (`ntksap.prune`'s `floor`) as a
             function of its full options dict, e.g. NTK-SAP's robust=True -> 1.0; None: 0.
+        unguarded_when: for a method with a guarded variant (NTK-SAP's robust=True): full
+            options dict -> the options of its unguarded first pass, or None where the
+            options ask for no guard (see `ntksap.prune`: the guarded pass runs only when
+            the first pass starves a layer, `ntksap.pruning.starved_layers`).
         rounds_when: the default number of rounds as a function of the options dict, None
             where they leave it at `default_rounds` (e.g. NTK-SAP: 100 under robust=True).
     """
@@ -349,6 +353,20 @@ class Method:
     needs_data_when: Callable[[dict[str, Any]], bool] | None = None
     floor_when: Callable[[dict[str, Any]], float] | None = None
     rounds_when: Callable[[dict[str, Any]], int | None] | None = None
+    unguarded_when: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+
+    def unguarded_for(self, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
+        """The options of the unguarded first pass `ntksap.prune` runs before the method's
+        guarded one, or None when the options ask for no guard.
+
+        >>> get_method("ntksap").unguarded_for() is None
+        True
+        >>> get_method("ntksap").unguarded_for({"robust": True})["robust"]
+        False
+        """
+        if self.unguarded_when is None:
+            return None
+        return self.unguarded_when({**self.defaults, **(options or {})})
 
     def rounds_for(self, options: Mapping[str, Any] | None = None) -> int:
         """The number of rounds T `ntksap.prune` runs when it is given none: `default_rounds`
@@ -433,6 +451,7 @@ def register_method(
     needs_data_when: Callable[[dict[str, Any]], bool] | None = None,
     floor_when: Callable[[dict[str, Any]], float] | None = None,
     rounds_when: Callable[[dict[str, Any]], int | None] | None = None,
+    unguarded_when: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a scorer under `name`.
 
@@ -447,6 +466,8 @@ def register_method(
             (see `Method.floor_for`).
         rounds_when: full options dict -> the method's default number of rounds, or None for
             `default_rounds` (see `Method.rounds_for`).
+        unguarded_when: full options dict -> the options of the unguarded first pass, or
+            None for no guard (see `Method.unguarded_for`).
     """
     if needs_data and needs_data_when is not None:
         raise TypeError(
@@ -483,6 +504,7 @@ def register_method(
                 needs_data_when=needs_data_when,
                 floor_when=floor_when,
                 rounds_when=rounds_when,
+                unguarded_when=unguarded_when,
             )
         )
         return fn

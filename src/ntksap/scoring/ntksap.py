@@ -86,10 +86,6 @@ MEMORY_FORMATS = ("auto", "contiguous", "channels_last")
 #: Arithmetic of the clean and perturbed passes: float32 (the model's compute dtype) or
 #: bfloat16 autocast. float16 is not offered: its masks' agreement is untested (no GPU).
 PRECISIONS = ("float32", "bfloat16")
-#: How weights are ranked inside each tensor (option `within`): "score", by the score that
-#: also sets how many each tensor keeps; "theta", by a second score whose theta is fixed at
-#: the model's own weights (the counts still follow the first).
-WITHIN = ("score", "theta")
 
 # Attribute set by `ntksap.models.create` naming the scheme the model was initialised with.
 INIT_ATTRIBUTE = "ntksap_init_scheme"
@@ -115,17 +111,24 @@ def set_clean_bn_statistics(ctx: ScoreContext, weights: dict[str, torch.Tensor],
     ctx.forward(weights, z)
 
 
-#: Draws of one round under robust=True when resamples is not given, and its rounds: 100
-#: rounds x 1 draw, the same 100 draws (and compute) as the published 20 rounds x 5.
-ROBUST_RESAMPLES = 1
+#: Draws of one round when resamples is not given (the paper's CIFAR-10 setting; the
+#: guarded pass of robust=True too), and the guarded pass's rounds: 100 rounds x 5 draws,
+#: five times the published 20 x 5 (measured: 100 x 1 scores worse at 99.3 %, see `robust`).
+ROBUST_RESAMPLES = 5
 ROBUST_ROUNDS = 100
 PUBLISHED_RESAMPLES = 5
 
 
 def robust_rounds(options: dict[str, Any]) -> int | None:
-    """The default rounds: 100 with robust=True (finer steps near the end at the same number
-    of draws, see `ROBUST_RESAMPLES`); None otherwise (the registered, paper's 20)."""
+    """The default rounds: 100 with robust=True (finer steps near the end, where a round's
+    choice of the few weights left matters most); None otherwise (the paper's 20)."""
     return ROBUST_ROUNDS if options["robust"] else None
+
+
+def robust_first_pass(options: dict[str, Any]) -> dict[str, Any] | None:
+    """robust=True prunes as published first (these options: robust off), and again with
+    the guards only if that mask starves a layer (`ntksap.pruning.starved_layers`)."""
+    return {**options, "robust": False} if options["robust"] else None
 
 
 def robust_floor(options: dict[str, Any]) -> float:
@@ -345,7 +348,7 @@ def affine_batchnorms(model: nn.Module) -> Iterator[None]:
             del bn.forward
 
 
-def ntksap_round_gradients(ctx: ScoreContext, init: str | None = None) -> dict[str, torch.Tensor]:
+def ntksap_round_gradients(ctx: ScoreContext) -> dict[str, torch.Tensor]:
     """dR/dm summed over every (resample, noise batch) draw of one round (signed, float64).
 
     Draw k = r * B + b (resample r, noise batch b of B) re-draws theta, then z and delta,
@@ -362,16 +365,12 @@ def ntksap_round_gradients(ctx: ScoreContext, init: str | None = None) -> dict[s
     fresh noise); with fewer, the images repeat (with exactly num_samples, e.g. `ntksap.run`'s
     10 per class at the default num_samples = 10 x classes, every draw sees the same images
     and only theta_i and delta_i change).
-
-    `init` overrides the option of that name for this call ("none": theta is the model's
-    weights as the round found them, which must then be the first call of the round, before
-    any re-draw changes them; the loop restores the weights after every round).
     """
     opts = ctx.options
     eps = float(opts["epsilon"])
     resamples = int(opts["resamples"])
     num_samples = int(opts["num_samples"])
-    init = opts["init"] if init is None else init
+    init = opts["init"]
     assert ctx.input_shape is not None
     pool = real_input_pool(ctx) if opts["inputs"] == "data" else None
     sizes = noise_batch_sizes(num_samples, int(opts["batch_size"]))
@@ -401,31 +400,6 @@ def ntksap_round_gradients(ctx: ScoreContext, init: str | None = None) -> dict[s
             grad[n].add_(g)
     ctx.all_reduce_(list(grad.values()))
     return grad
-
-
-def rank_within(
-    counts_by: torch.Tensor, order_by: torch.Tensor, mask: torch.Tensor
-) -> torch.Tensor:
-    """Scores of one tensor whose values are those of `counts_by` and whose order is that
-    of `order_by`, over the kept entries of `mask` (0 elsewhere): the i-th best kept entry by
-    `order_by` gets the i-th largest kept value of `counts_by`.
-
-    Every tensor keeps the same multiset of values, so a global top-k over all tensors keeps
-    the same number of weights of each tensor as it would by `counts_by`, and inside the
-    tensor it keeps the best by `order_by` (ties in `order_by` by position).
-
-    >>> rank_within(torch.tensor([5.0, 1.0, 3.0, 9.0]), torch.tensor([0.1, 0.7, 0.4, 0.0]),
-    ...             torch.tensor([True, True, True, False]))
-    tensor([1., 5., 3., 0.])
-    """
-    out = torch.zeros_like(counts_by)
-    kept = mask.reshape(-1).nonzero().squeeze(1)
-    values = counts_by.reshape(-1)[kept].sort(descending=True).values
-    order = order_by.reshape(-1)[kept].argsort(descending=True, stable=True)
-    placed = torch.empty_like(values)
-    placed[order] = values
-    out.view(-1)[kept] = placed
-    return out
 
 
 def _normal(
@@ -468,7 +442,7 @@ def default_num_samples(ctx: ScoreContext) -> int:
             "resamples",
             None,
             int,
-            "independent (theta, z) draws per noise batch; auto: 5 (1 with robust)",
+            "independent (theta, z) draws per noise batch; auto: 5",
             allow_none=True,
             low=1,
         ),
@@ -511,22 +485,11 @@ def default_num_samples(ctx: ScoreContext) -> int:
             choices=MEMORY_FORMATS,
         ),
         Option(
-            "within",
-            None,
-            str,
-            "how weights are ranked inside each tensor: score (the score that sets each "
-            "tensor's count) or theta (a second score, theta fixed at the model's weights; "
-            "twice the draws); auto: score, theta with robust",
-            choices=WITHIN,
-            allow_none=True,
-        ),
-        Option(
             "robust",
             False,
             bool,
             "extreme-sparsity guards: a balanced per-layer floor, every output unit kept, "
-            "inside each tensor the weights the network trains with (within auto -> theta), "
-            "100 rounds of 1 draw",
+            "theta fixed at the model's weights (init auto -> none)",
         ),
         Option(
             "precision",
@@ -541,6 +504,7 @@ def default_num_samples(ctx: ScoreContext) -> int:
     needs_data_when=reads_data,
     floor_when=robust_floor,
     rounds_when=robust_rounds,
+    unguarded_when=robust_first_pass,
 )
 def ntksap_scores(ctx: ScoreContext) -> Scores:
     """|dR/dm| at the current mask, zero where already pruned.
@@ -565,45 +529,26 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
             must then be given; targets are ignored). num_samples and batch_size keep their
             meaning: num_samples images per resample are taken from the data, cycling
             through its batches if they hold fewer (see `ntksap_round_gradients`).
-        within: how the weights inside each tensor are ranked: "score" (the published
-            method: one score both sets how many weights each tensor keeps and which), or
-            "theta": the counts still come from that score (theta re-drawn, as published),
-            but inside each tensor the weights are ranked by a second score whose theta is
-            fixed at the model's own weights, the ones it will train from (`rank_within`;
-            every round makes both sets of draws, so twice the compute). None (default):
-            "score", "theta" under robust=True. Measured in benchmarks/quality_extreme.md:
-            at 99 %+ which weights of a layer survive matters (the re-drawn score only sees
-            the mask's shape and spreads a thin layer's weights over many units), while
-            theta fixed for the counts too piles the weights into the first layers
-            (ResNet-20 at 98.2 %: 45.7 % top-1).
         robust: False (default: the published method) or True, the extreme-sparsity guards
-            measured in benchmarks/quality_extreme.md: `ntksap.prune` keeps a floor per
-            layer (every tensor at least floor x k/L of the round's kept count k, L tensors,
-            and every output unit of the last layer its share, at least one weight),
-            within="theta", and 100 rounds of 1 draw (`rounds` / `resamples` / `within` /
-            `floor` given win). The plain score starves the fully connected layers at 98 %+
-            (LeNet-5 keeps 23 of fc2's 10,080 weights at 98 %) and the classifier
-            (ResNet-20: 9 of 640 at 99.5 %).
+            measured in benchmarks/quality_extreme.md: `ntksap.prune` keeps a balanced floor
+            per layer (floor=1.0: no tensor below its share k/L of the round's kept count,
+            and every output unit of the last layer keeps its share / units, at least one
+            weight), theta is the model's own weights, fixed (init "auto" means "none"),
+            so the mask is chosen for the weights it will train with, and the default
+            schedule is 100 rounds of 1 draw each (`rounds` / `resamples` given win), the
+            published 100 draws in finer steps. The plain score
+            starves the fully connected layers at 98 %+ (LeNet-5 keeps 23 of fc2's 10,080
+            weights at 98 %) and the classifier (ResNet-20: 9 of 640 at 99.5 %).
     """
-    # resolved once; the loop keeps the options dict across rounds and records it
-    robust = ctx.options["robust"]
     if ctx.options["init"] == "auto":
-        ctx.options["init"] = getattr(ctx.model, INIT_ATTRIBUTE, "reset")
+        # robust: score the weights the network will train from (see `robust` above)
+        default = "none" if ctx.options["robust"] else getattr(ctx.model, INIT_ATTRIBUTE, "reset")
+        ctx.options["init"] = default
     if ctx.options["resamples"] is None:
+        robust = ctx.options["robust"]
         ctx.options["resamples"] = ROBUST_RESAMPLES if robust else PUBLISHED_RESAMPLES
-    if ctx.options["within"] is None:
-        ctx.options["within"] = "theta" if robust else "score"
     if ctx.options["num_samples"] is None:
+        # resolved once; the loop keeps the options dict across rounds and records it
         ctx.options["num_samples"] = default_num_samples(ctx)
-    fixed = None
-    if ctx.options["within"] == "theta":
-        # first, while the private copy still holds the model's own weights (the loop
-        # restores them after every round; the re-draws below overwrite them)
-        fixed = ntksap_round_gradients(ctx, init="none")
     grads = ntksap_round_gradients(ctx)
-    scores = {n: g.abs().to(ctx.dtype) * ctx.masks[n] for n, g in grads.items()}
-    if fixed is None:
-        return scores
-    return {
-        n: rank_within(s, fixed[n].abs().to(ctx.dtype), ctx.masks[n]) for n, s in scores.items()
-    }
+    return {n: g.abs().to(ctx.dtype) * ctx.masks[n] for n, g in grads.items()}
