@@ -464,3 +464,23 @@ def test_sweep_file_type_errors_name_key_type_and_value(
     for word in words:
         assert word in message, (word, message)
     assert not (tmp_path / "sw").exists()
+
+
+def test_a_changed_default_is_recorded_so_old_runs_keep_their_own_identity(tmp_path):
+    """px's default variant changed (code-2025 -> code-2024): a px run records the variant
+    it used even when not given, so a run folder made before (no variant in its config)
+    is not taken for a run of the new default, and a sweep plans a new folder beside it."""
+    req = runs.prepare(tmp_path / "r", dataset="digits", method="px", density=0.5,
+                       log=lambda _m: None)  # fmt: skip
+    assert req.options == {"variant": "code-2024"}
+    settings = req.settings()
+    old = json.loads(json.dumps(settings))
+    old["prune"]["options"] = {}  # how a run made before the change recorded it
+    assert records.run_identity(old) != records.run_identity(settings)
+    given = runs.prepare(tmp_path / "r", dataset="digits", method="px", density=0.5,
+                         options={"variant": "code-2025"}, log=lambda _m: None)  # fmt: skip
+    assert given.options == {"variant": "code-2025"}
+    # the other methods record only what was given
+    plain = runs.prepare(tmp_path / "r", dataset="digits", method="ntksap", density=0.5,
+                         log=lambda _m: None)  # fmt: skip
+    assert plain.options == {}

@@ -373,6 +373,9 @@ def prepare(
         v.choice("schedule", schedule, SCHEDULES)
         v.choice("scope", scope, SCOPES)
         req.options = check_method_options(meth.name, options or {})
+        for name in meth.pinned:  # a changed default: recorded, so identities differ
+            if req.options.get(name) is None:
+                req.options[name] = meth.options[name].default
         req.prune_settings = {
             "rounds": rounds,
             "schedule": schedule,

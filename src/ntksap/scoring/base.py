@@ -334,6 +334,9 @@ class Method:
             batches under some options: full options dict -> whether it reads them.
         floor_when: the method's default selection floor (`ntksap.prune`'s `floor`) as a
             function of its full options dict, e.g. NTK-SAP's robust=True -> 1.0; None: 0.
+        pinned: options whose default has changed: a run records their value (the default
+            when not given) in its config, so a run made under the old default never
+            shares a sweep identity with one made under the new (e.g. px's variant).
         unguarded_when: for a method with a guarded variant (NTK-SAP's robust=True): full
             options dict -> the options of its unguarded first pass, or None where the
             options ask for no guard (see `ntksap.prune`: the guarded pass runs only when
@@ -354,6 +357,7 @@ class Method:
     floor_when: Callable[[dict[str, Any]], float] | None = None
     rounds_when: Callable[[dict[str, Any]], int | None] | None = None
     unguarded_when: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
+    pinned: tuple[str, ...] = ()
 
     def unguarded_for(self, options: Mapping[str, Any] | None = None) -> dict[str, Any] | None:
         """The options of the unguarded first pass `ntksap.prune` runs before the method's
@@ -452,6 +456,7 @@ def register_method(
     floor_when: Callable[[dict[str, Any]], float] | None = None,
     rounds_when: Callable[[dict[str, Any]], int | None] | None = None,
     unguarded_when: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None,
+    pinned: Sequence[str] = (),
 ) -> Callable[[ScoreFn], ScoreFn]:
     """Decorator registering a scorer under `name`.
 
@@ -468,6 +473,7 @@ def register_method(
             `default_rounds` (see `Method.rounds_for`).
         unguarded_when: full options dict -> the options of the unguarded first pass, or
             None for no guard (see `Method.unguarded_for`).
+        pinned: names of options whose default changed (see `Method.pinned`).
     """
     if needs_data and needs_data_when is not None:
         raise TypeError(
@@ -488,6 +494,9 @@ def register_method(
             raise ValueError(f"method {name!r}: option {opt.name!r} is declared twice")
         specs[opt.name] = opt
     rounds = validators.positive_int(f"method {name!r} default_rounds", default_rounds)
+    unknown = [p for p in pinned if p not in specs]
+    if unknown:
+        raise ValueError(f"method {name!r}: pinned names no option: {', '.join(unknown)}")
 
     def deco(fn: ScoreFn) -> ScoreFn:
         doc = (fn.__doc__ or "").strip().splitlines()
@@ -505,6 +514,7 @@ def register_method(
                 floor_when=floor_when,
                 rounds_when=rounds_when,
                 unguarded_when=unguarded_when,
+                pinned=tuple(pinned),
             )
         )
         return fn

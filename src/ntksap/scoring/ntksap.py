@@ -488,8 +488,9 @@ def default_num_samples(ctx: ScoreContext) -> int:
             "robust",
             False,
             bool,
-            "extreme-sparsity guards: a balanced per-layer floor, every output unit kept, "
-            "theta fixed at the model's weights (init auto -> none)",
+            "prune as published; if that mask starves a layer (fewer weights than output "
+            "units), again with guards: a balanced per-layer floor, every output unit kept, "
+            "theta fixed at the model's weights, 100 rounds",
         ),
         Option(
             "precision",
@@ -512,8 +513,8 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
     Options:
         epsilon: std of the weight perturbation delta (default 0.01; results are insensitive
             within 1e-3..1e-2, the paper's N(0, 1e-4 I) variance).
-        resamples: R, independent draws of (theta, z) per noise batch (None: 5, or 1 under
-            robust=True, whose 100 rounds then make the same 100 draws). Default 5, the
+        resamples: R, independent draws of (theta, z) per noise batch (None: 5, in both
+            passes of robust=True). Default 5, the
             paper's CIFAR-10 setting: every paper setting scores each round on >= 4 draws
             (CIFAR-100: 1 x 4 batches, Tiny-ImageNet: 1 x 8); a single draw is noisy (on
             mnist5k LeNet-5 at 90 % sparsity: 95.9 % top-1 with R=1, 97.5 % with R=5).
@@ -529,16 +530,21 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
             must then be given; targets are ignored). num_samples and batch_size keep their
             meaning: num_samples images per resample are taken from the data, cycling
             through its batches if they hold fewer (see `ntksap_round_gradients`).
-        robust: False (default: the published method) or True, the extreme-sparsity guards
-            measured in benchmarks/quality_extreme.md: `ntksap.prune` keeps a balanced floor
-            per layer (floor=1.0: no tensor below its share k/L of the round's kept count,
-            and every output unit of the last layer keeps its share / units, at least one
-            weight), theta is the model's own weights, fixed (init "auto" means "none"),
-            so the mask is chosen for the weights it will train with, and the default
-            schedule is 100 rounds of 1 draw each (`rounds` / `resamples` given win), the
-            published 100 draws in finer steps. The plain score
-            starves the fully connected layers at 98 %+ (LeNet-5 keeps 23 of fc2's 10,080
-            weights at 98 %) and the classifier (ResNet-20: 9 of 640 at 99.5 %).
+        robust: False (default: the published method) or True: `ntksap.prune` prunes as
+            published, and returns that mask unless it starves a layer
+            (`ntksap.pruning.starved_layers`: a tensor with fewer weights than output units,
+            or an output unit with none); then it prunes again with the guards measured in
+            benchmarks/quality_extreme.md: a balanced floor per layer (floor=1.0: no tensor
+            below its share k/L of the round's kept count, and every output unit of the
+            last layer its share / units, at least one weight), theta the model's own
+            weights, fixed (init "auto" means "none": the mask is chosen for the weights
+            it will train with), and 100 rounds of 5 draws (given `rounds`, `resamples`,
+            `init`, `floor` win in both passes). The masks' metadata "guard" says whether
+            the guarded pass ran and which layers the published mask starved. The plain
+            score starves the fully connected layers at 98 %+ (LeNet-5 keeps 23 of fc2's
+            10,080 weights at 98 %) and the classifier (ResNet-20: 9 of 640 at 99.5 %);
+            where it starves nothing (ResNet-20 up to 98.2 %) the published mask is the
+            better one, so it is kept.
     """
     if ctx.options["init"] == "auto":
         # robust: score the weights the network will train from (see `robust` above)

@@ -997,6 +997,8 @@ def _px_once(ctx: ScoreContext, dtype: torch.dtype) -> tuple[Scores, bool]:
     ],
     summary="Path eXclusion: data-driven NTK-trace path bound (Iurada 2024, ReLU nets)",
     validate=check_variant_options,
+    # code-2025 was the default until December 2026: a run records the variant it used
+    pinned=("variant",),
 )
 def px_scores(ctx: ScoreContext) -> Scores:
     """A function of dR/dp, R = sum(jvf(x) * pk(x)) over the data; T rounds (default 100).
