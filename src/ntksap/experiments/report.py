@@ -265,8 +265,8 @@ def _key(value: Any) -> str:
 
 
 def _fmt_value(value: Any) -> str:
-    if value is _MISSING:
-        return "unset"
+    if value is _MISSING:  # not in the run's config: the run used the default
+        return "default"
     if isinstance(value, str):
         return value
     if isinstance(value, bool) or value is None:
@@ -450,7 +450,8 @@ def build_table(records: Iterable[Record], *, paper: bool = False) -> Table:
 def _absent_varies(
     key: str, method: str, records: Sequence[Record], groupings: Sequence[dict[str, Any]]
 ) -> bool:
-    """Whether `key` is set in some runs of `method` (so its absence must show as unset)."""
+    """Whether `key` is set in some runs of `method` (so its absence must show as
+    "default")."""
     return any(r.method == method and key in g for r, g in zip(records, groupings, strict=True))
 
 
