@@ -4,7 +4,8 @@ For every variant (method + the options and pruning settings its runs were given
 chosen sparsity, reads the run folders' own files (mask.safetensors, config.json,
 result.json): the mean over seeds of the weights kept per prunable tensor, the output units
 of the last tensor (the classifier) that keep no weight, the collapsed tensors, the
-effective sparsity and the final top-1. Prints one markdown table, layers as rows.
+effective sparsity and the final top-1, and for robust NTK-SAP in how many masks the guarded
+pass ran. Prints one markdown table, layers as rows.
 
     python benchmarks/extreme_layers.py /work/sweeps/extreme-lenet5 \\
         /work/sweeps/extreme-lenet5-robust --sparsity 0.993 --methods ntksap synflow
@@ -83,6 +84,15 @@ def main() -> None:
     for label, fn in rows.items():
         cells = [f"{statistics.mean(fn(m, r) for m, r in runs[n]):.2f}" for n in names]
         print(f"| {label} | | " + " | ".join(cells) + " |")
+    # robust NTK-SAP: in how many of the masks the published pass starved a layer, so that
+    # the guarded pass made the mask (metadata "guard"; "-" where the masks have none)
+    guards = [[m.metadata.get("guard") for m, _ in runs[n]] for n in names]
+    if any(g for gs in guards for g in gs):
+        cells = [
+            f"{sum(bool(g and g['guarded']) for g in gs)} of {len(gs)}" if any(gs) else "-"
+            for gs in guards
+        ]
+        print("| guarded pass ran | | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

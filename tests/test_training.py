@@ -256,7 +256,10 @@ def test_sigkilled_cli_run_resumes_bit_identical(tmp_path):
               "--batch-size", "64", "--no-progress"]  # fmt: skip
     assert cli([*common, "--out", str(tmp_path / "ref")]) == 0
     killed = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PYTHONPATH": str(HERE.parent / "src")}
+    # the killed process computes with as many threads as this one (the reference and the
+    # resumed part run here): bit-identical results need the same reduction order
+    threads = str(torch.get_num_threads())
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "PYTHONPATH": str(HERE.parent / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "ntksap", *common, "--out", str(killed)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
