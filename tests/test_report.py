@@ -445,3 +445,16 @@ def test_paper_results_load() -> None:
     assert near is not None and near.top1 == 90.04
     assert paper_mod.match_paper(paper_mod.load_paper_results(), "ntksap", 0.7365) is None
     assert "Tables 12-14" in paper_mod.PAPER_SOURCE and "Table 1" in paper_mod.PAPER_SOURCE
+
+
+def test_a_setting_left_out_is_labelled_default_or_unrecorded(tmp_path: Path) -> None:
+    """A setting absent from some runs' configs: "default" (those runs used it), except for
+    an option whose default has changed (px's variant, `Method.pinned`): runs made before
+    it was recorded are "unrecorded", never passed off as today's default."""
+    fake_run(tmp_path / "a", method="px", top1=60.0)
+    fake_run(tmp_path / "b", method="px", top1=70.0, prune={"options": {"variant": "code-2024"}})
+    fake_run(tmp_path / "c", method="snip", top1=50.0)
+    fake_run(tmp_path / "d", method="snip", top1=55.0, prune={"rounds": 5})
+    labels = [row.variant for row in build_table(records_in(tmp_path)).rows]
+    assert "px variant=unrecorded" in labels and "px variant=code-2024" in labels
+    assert "snip rounds=default" in labels and "snip rounds=5" in labels

@@ -62,6 +62,7 @@ from ntksap.experiments.paper import PAPER_SOURCE, PaperResult, match_paper, pap
 from ntksap.experiments.records import Record
 from ntksap.files import atomic_write, write_text
 from ntksap.runs import CONFIG_FILE
+from ntksap.scoring import get_method, list_methods
 
 #: Densities are rounded to this many decimals to decide which column a run belongs to.
 SPARSITY_DECIMALS = 4
@@ -276,6 +277,15 @@ def _fmt_value(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
+def _fmt_missing(key: str, method: str) -> str:
+    """The label of a setting absent from a run's config: "default", except for an option
+    whose default has changed (`Method.pinned`, e.g. px's variant): runs record it since,
+    so one without it ran under an earlier default, "unrecorded" (not today's)."""
+    name = key.rsplit(".", 1)[-1]
+    pinned = method in list_methods() and name in get_method(method).pinned
+    return "unrecorded" if key.startswith("prune.options.") and pinned else "default"
+
+
 def _sort_value(value: Any) -> tuple[int, Any]:
     """Sort numbers as numbers (rounds=5 before rounds=10), then strings, then the rest."""
     if value is _MISSING:
@@ -394,7 +404,7 @@ def build_table(records: Iterable[Record], *, paper: bool = False) -> Table:
             }
             # A setting absent only because the method has none (prune.* of dense) stays out.
             label_parts = [
-                f"{short[k]}={_fmt_value(v)}"
+                f"{short[k]}={_fmt_missing(k, rec.method) if v is _MISSING else _fmt_value(v)}"
                 for k, v in zip(varying, values, strict=True)
                 if v is not _MISSING or _absent_varies(k, rec.method, records, groupings)
             ]
