@@ -153,7 +153,7 @@ def test_robust_keeps_the_published_mask_where_it_starves_no_layer():
 
 
 def test_robust_defaults_and_given_values_win():
-    """The published pass runs the paper's 20 x 5, the guarded one 100 x 5 with floor 1 and
+    """The published pass runs the paper's 20 x 5, the guarded one 100 x 1 with floor 1 and
     theta fixed; given rounds / resamples / init / floor win in both."""
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
     kw = dict(input_shape=(1, 4, 4), seed=0)
@@ -164,7 +164,7 @@ def test_robust_defaults_and_given_values_win():
         warnings.simplefilter("ignore", LayerCollapseWarning)
         redone = ntksap.prune(net, "ntksap", robust=True, density=0.02, **kw)
     assert redone.metadata["guard"]["guarded"]
-    assert redone.metadata["rounds"] == 100 and redone.metadata["options"]["resamples"] == 5
+    assert redone.metadata["rounds"] == 100 and redone.metadata["options"]["resamples"] == 1
     assert redone.metadata["floor"] == 1.0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", LayerCollapseWarning)
