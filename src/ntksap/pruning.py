@@ -900,7 +900,7 @@ def prune(
     effective: bool = False,
     effective_tolerance: float = 0.01,
     floor: float | None = None,
-    _guard: bool = True,
+    _guard: bool = True,  # private: False runs one pass of a guarded method (its own use)
     **options: Any,
 ) -> Masks:
     """Compute pruning masks for `model` at initialisation. The model is left untouched.
@@ -973,7 +973,10 @@ def prune(
         (method, density, rounds, schedule, scope, seed, options with "auto" resolved,
         invert, input_shape, targets), the model ("model": zoo name or class name,
         "model_args", "num_total" prunable weights, "dtype", "compute_dtype", "output_fn":
-        whether one was given), and "seconds" and "torch".
+        whether one was given), and "seconds" and "torch". A method with a guarded variant
+        (ntksap `robust=True`) prunes as published first and again with its guards only
+        when that mask starves a layer (`starved_layers`); "guard" then says which layers
+        were starved and whether the guarded pass made the mask.
 
     Example:
         >>> masks = prune(net, "ntksap", sparsity=0.982, input_shape=(3, 32, 32))  # doctest: +SKIP
@@ -991,7 +994,8 @@ def prune(
             distributed=distributed, **options,
         )  # fmt: skip
     meth = get_method(method)
-    first_pass = meth.unguarded_for(meth.resolve_options(options)) if _guard else None
+    resolved = meth.resolve_options(options)  # checked before any work, as every argument
+    first_pass = meth.unguarded_for(resolved) if _guard else None
     if first_pass is not None:  # e.g. ntksap robust=True: as published, guarded if starved
         if data is not None:
             data = list(data)  # both passes read the batches
@@ -1007,7 +1011,9 @@ def prune(
             first = prune(**call, **first_pass)
         starved = starved_layers(first)
         if not starved:
-            options_used = {**first.metadata["options"], **{k: options[k] for k in options}}
+            # the first pass ran with the guard switched off: record the options as asked
+            asked = {k: v for k, v in resolved.items() if first_pass.get(k) != v}
+            options_used = {**first.metadata["options"], **asked}
             guard = {"starved": [], "guarded": False}
             return Masks(dict(first), {**first.metadata, "options": options_used, "guard": guard})
         second = prune(**call, **options)
