@@ -1,4 +1,4 @@
-"""Compaction: parameters, FLOPs and latency of masked dense vs compacted models (issue 11).
+"""Compaction: parameters, FLOPs and latency of masked dense vs compacted models.
 
 For CIFAR ResNet-20 and VGG-16-BN (10 classes, 3x32x32, untrained initial weights, seed 0)
 at 98.2 % sparsity with NTK-SAP and SynFlow masks:

@@ -1,4 +1,4 @@
-"""Effective vs nominal sparsity of every pruning method, CIFAR ResNet-20 and VGG-16-BN (issue 11).
+"""Effective vs nominal sparsity of every pruning method, CIFAR ResNet-20 and VGG-16-BN.
 
 A kept weight is *effective* when it lies on at least one input-to-output path
 (`ntksap.masks.effective`); the others can neither change the output nor learn. At equal

@@ -13,7 +13,7 @@ is K rounds x T / K (stated as such).
     python benchmarks/prune_time.py                           # both networks
     python benchmarks/prune_time.py --networks resnet20 --rounds 5
 
---suite methods: every pruning method on ResNet-20 at paper settings (issue 2's table).
+--suite methods: every pruning method on ResNet-20 at paper settings.
 
 Settings (algorithm.md): ntksap T=20, R=5, 100 Gaussian noise images in one batch;
 synflow T=100; itersnip T=100 and snip/grasp T=1 on a class-balanced batch of 100

@@ -1,4 +1,4 @@
-"""Sparse inference (issue 11, Must-show 2): pruned networks on a CPU, four runtimes, one run.
+"""Sparse inference: pruned networks on a CPU, four runtimes, one run.
 
 For CIFAR ResNet-20, CIFAR VGG-16-BN (10 classes, 32x32) and an MLP (784-1024-1024-10) at
 90 / 95.6 / 98.2 / 99.3 % sparsity with NTK-SAP masks, batch 1 and 64, float32:

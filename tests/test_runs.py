@@ -1,6 +1,6 @@
 """Run folders are never lost or mixed; bad run settings are clear errors before any work.
 
-Each test reproduces a problem found on the earlier main (issue 7, sections 1-3).
+Each test reproduces a problem found on the earlier main.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sparse inference: pruned networks that run faster than dense on a CPU (issue 11).
+"""Sparse inference: pruned networks that run faster than dense on a CPU.
 
 `convert(model)` turns a masked dense model into an inference-only module whose masked
 Conv2d / Linear layers store their weights as CSR and run a direct sparse convolution
