@@ -516,10 +516,10 @@ def ntksap_scores(ctx: ScoreContext) -> Scores:
             within 1e-3..1e-2, the paper's N(0, 1e-4 I) variance).
         resamples: R, independent draws of (theta, z) per noise batch (None: 5, or 1 in the
             guarded pass of robust=True, whose 100 rounds then make the same 100 draws).
-            Default 5, the
-            paper's CIFAR-10 setting: every paper setting scores each round on >= 4 draws
-            (CIFAR-100: 1 x 4 batches, Tiny-ImageNet: 1 x 8); a single draw is noisy (on
-            mnist5k LeNet-5 at 90 % sparsity: 95.9 % top-1 with R=1, 97.5 % with R=5).
+            Default 5, the paper's CIFAR-10 setting: every paper setting scores each round
+            on >= 4 draws (CIFAR-100: 1 x 4 batches, Tiny-ImageNet: 1 x 8); a single draw
+            is noisy (on mnist5k LeNet-5 at 90 % sparsity: 95.9 % top-1 with R=1, 97.5 % with
+            R=5).
         num_samples: noise inputs per resample (default: 10 x the model's output width,
             the paper's "10 x classes").
         batch_size: noise inputs per forward pass (default 256).
